@@ -1,0 +1,1 @@
+"""The `smoe` command line, benchmarks and process launching."""

@@ -1,0 +1,202 @@
+"""The SMoE layer: a dense MLP split into N experts behind a router, on DeepSpeed's MoE.
+
+What is DeepSpeed's and what is ours:
+
+* ours :class:`SMoE` *is a* ``deepspeed.moe.layer.MoE``, so the DeepSpeed engine finds it,
+  creates its expert-parallel and expert-data-parallel groups (``set_deepspeed_parallelism``),
+  all-reduces expert gradients in the right group and saves every expert in its own
+  checkpoint file under the names DeepSpeed expects.
+* ``deepspeed.moe.experts.Experts`` holds the local experts, each with its own
+  parameters, tagged ``allreduce=False`` / ``group_name`` for
+  ``split_params_into_different_moe_groups_for_optimizer``.
+* :class:`ExpertDispatcher` is a ``MOELayer`` (same ``gate``/``experts`` attributes,
+  same ``l_aux``/``exp_counts`` outputs) whose forward uses our routers
+  (``smoe.routing``) and the dropless dispatch in :mod:`smoe.model.dispatch`, built on
+  DeepSpeed's ``_AllToAll``. DeepSpeed's own gate is not used: its k = 1 weights are
+  not renormalised, it samples the second expert with noise at k = 2, and its
+  experts run on every padded capacity slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from deepspeed.moe.experts import Experts
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import MOELayer
+from deepspeed.utils import groups
+from torch import nn
+
+from smoe.routing import ROUTERS, build_router
+
+from .dispatch import expert_parallel_combine, masked_dense_combine, reference_combine, sorted_combine
+from .mlp import ACTIVATIONS, MLP
+
+DISPATCHES = ("auto", "sorted", "masked-dense", "reference")
+# k / N from which "auto" runs all experts as one masked dense MLP (see `smoe bench layer`).
+MASKED_DENSE_FROM = 0.75
+
+
+@dataclass
+class MoEConfig:
+    d_model: int
+    d_ff: int  # width of the dense MLP being replaced; each expert gets d_ff / num_experts
+    num_experts: int = 16
+    k: int = 1  # top-k at construction; the training loop changes it with SMoE.set_top_k
+    router: str = "random-frozen"
+    ep_size: int = 1
+    activation: str = "relu"
+    dropout: float = 0.1  # on each expert's hidden units, as in the dense MLP
+    balance_coef: float = 0.01  # learned router only
+    z_loss_coef: float = 0.0  # learned router only
+    vocab_size: int | None = None  # hash router only
+    seed: int = 0  # router and expert initialisation: the same on every rank
+    init_std: float = 0.02
+    dispatch: str = "auto"
+
+    def __post_init__(self):
+        if self.num_experts < 1:
+            raise ValueError(f"MoEConfig.num_experts ({self.num_experts}) must be at least 1")
+        if self.d_ff % self.num_experts:
+            raise ValueError(f"MoEConfig.d_ff ({self.d_ff}) is not divisible by num_experts ({self.num_experts}): "
+                             f"pick num_experts dividing {self.d_ff}")
+        if not 1 <= self.k <= self.num_experts:
+            raise ValueError(f"MoEConfig.k ({self.k}) must be between 1 and num_experts ({self.num_experts}): "
+                             "lower k or add experts")
+        if self.ep_size < 1 or self.num_experts % self.ep_size:
+            raise ValueError(f"MoEConfig.num_experts ({self.num_experts}) is not divisible by ep_size "
+                             f"({self.ep_size}): use an ep_size that divides the number of experts")
+        if self.router not in ROUTERS:
+            raise ValueError(f"MoEConfig.router '{self.router}' is unknown: use one of {', '.join(ROUTERS)}")
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"MoEConfig.dispatch '{self.dispatch}' is unknown: use one of {', '.join(DISPATCHES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MoEConfig.activation '{self.activation}' is unknown: "
+                             f"use one of {', '.join(ACTIVATIONS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MoEConfig.dropout ({self.dropout}) must be in [0, 1)")
+        if self.router == "hash" and not self.vocab_size:
+            raise ValueError("MoEConfig.vocab_size is needed by the hash router: set it to the vocabulary size")
+
+
+class ExpertDispatcher(MOELayer):
+    """DeepSpeed's MOELayer with our router as its gate and a dropless index dispatch."""
+
+    def __init__(self, router: nn.Module, experts: Experts, config: MoEConfig, ep_rank: int):
+        super().__init__(router, experts, f"ep_size_{config.ep_size}", config.ep_size, experts.num_local_experts)
+        self.num_experts = config.num_experts
+        self.dispatch = config.dispatch
+        self.ep_rank = ep_rank
+
+    def _set_ep_group(self, ep_group):
+        # DeepSpeed's version also hands the group to its TopKGate; our routers need none.
+        self.ep_group = ep_group
+
+    def path(self) -> str:
+        """Which dispatch runs at the current k."""
+        if self.ep_size > 1:
+            return "expert-parallel"
+        if self.dispatch != "auto":
+            return self.dispatch
+        return "masked-dense" if self.gate.top_k >= MASKED_DENSE_FROM * self.num_experts else "sorted"
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        routes = self.gate(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        self.l_aux = routes.aux_loss
+        self.exp_counts = torch.bincount(routes.expert_ids_TK.reshape(-1), minlength=self.num_experts)
+        experts = list(self.experts.deepspeed_experts)
+        path = self.path()
+        if path == "expert-parallel":
+            if self.ep_group is None:
+                raise RuntimeError(f"this layer has ep_size={self.ep_size} but no expert-parallel group: call "
+                                   "set_deepspeed_parallelism() (deepspeed.initialize does) before the first forward")
+            y_TD = expert_parallel_combine(experts, x_TD, routes, self.num_experts, self.ep_group, self.ep_rank)
+        elif path == "masked-dense":
+            y_TD = masked_dense_combine(experts, x_TD, routes)
+        elif path == "sorted":
+            y_TD = sorted_combine(experts, x_TD, routes)
+        else:
+            y_TD = reference_combine(experts, x_TD, routes)
+        return y_TD.reshape(x.shape)
+
+
+class SMoE(MoE):
+    """N experts of width d_ff/N behind a router, with top-k settable at any time.
+
+    ``forward(x, token_ids=None) -> (y, aux_loss, expert_counts)``, DeepSpeed's MoE
+    convention; ``token_ids`` is needed by the hash router only.
+
+    ``ep_rank`` says which N/ep_size experts live here (from
+    :func:`smoe.model.parallel.init_expert_parallel`). Expert g is initialised from its
+    own seed, so the model is the same whatever the expert-parallel layout.
+    """
+
+    def __init__(self, config: MoEConfig, ep_rank: int = 0, rank: int = 0):
+        # MoE.__init__ would build DeepSpeed's TopKGate; set the attributes the engine and
+        # its MoE checkpointing read, and build the dispatcher with our router instead.
+        nn.Module.__init__(self)
+        if not 0 <= ep_rank < config.ep_size:
+            raise ValueError(f"ep_rank ({ep_rank}) must be in [0, ep_size={config.ep_size})")
+        self.config = config
+        self.num_experts = config.num_experts
+        self.ep_size = config.ep_size
+        self.num_local_experts = config.num_experts // config.ep_size
+        self.expert_group_name = f"ep_size_{config.ep_size}"
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+
+        expert = MLP(config.d_model, config.d_ff // config.num_experts, config.activation, config.dropout)
+        router = build_router(config.router, d_model=config.d_model, num_experts=config.num_experts, k=config.k,
+                              seed=config.seed, vocab_size=config.vocab_size, balance_coef=config.balance_coef,
+                              z_loss_coef=config.z_loss_coef, rank=rank)
+        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
+        self.deepspeed_moe = ExpertDispatcher(router, experts, config, ep_rank)
+        for local_id, expert in enumerate(experts.deepspeed_experts):
+            global_id = ep_rank * self.num_local_experts + local_id
+            expert.reset_parameters(config.init_std, torch.Generator().manual_seed(self.expert_seed(global_id)))
+
+    def expert_seed(self, global_id: int) -> int:
+        return (self.config.seed + 1) * 1_000_003 + global_id
+
+    @property
+    def router(self) -> nn.Module:
+        return self.deepspeed_moe.gate
+
+    @property
+    def local_experts(self) -> list[MLP]:
+        return list(self.deepspeed_moe.experts.deepspeed_experts)
+
+    @property
+    def ep_rank(self) -> int:
+        return self.deepspeed_moe.ep_rank
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def set_top_k(self, k: int) -> None:
+        self.router.set_top_k(k)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by ``deepspeed.initialize``: join the expert-parallel group, and refuse
+        a group that would give this rank other experts than it was built with."""
+        self._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        group_rank = groups._get_expert_parallel_rank(self.expert_group_name)
+        if group_rank != self.ep_rank:
+            raise RuntimeError(f"this layer holds the experts of expert-parallel rank {self.ep_rank} but DeepSpeed "
+                               f"placed it at rank {group_rank}: build the model with "
+                               "ep_rank=init_expert_parallel(ep_size)")
+
+    def load_experts(self, experts: list[MLP]) -> None:
+        """Copy this rank's share of N full experts (e.g. from :func:`modularize`)."""
+        if len(experts) != self.num_experts:
+            raise ValueError(f"got {len(experts)} experts for a layer with num_experts={self.num_experts}")
+        first = self.ep_rank * self.num_local_experts
+        for local, source in zip(self.local_experts, experts[first:first + self.num_local_experts]):
+            local.load_state_dict(source.state_dict())
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None):
+        y = self.deepspeed_moe(x, token_ids)
+        return y, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts

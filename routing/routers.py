@@ -1,0 +1,186 @@
+"""Routers: which k experts each token visits, and with what weights.
+
+Every router maps tokens ``x_TD`` (and, for hash routing, their ids ``token_ids_T``)
+to :class:`Routes`. k is an attribute changed with :meth:`Router.set_top_k` between
+steps; nothing is rebuilt. Routers compute in fp32 and never drop a token.
+
+Shapes: T tokens, D model width, N experts, K = current top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROUTERS = ("random-frozen", "learned", "hash", "random", "thor")
+
+
+@dataclass
+class Routes:
+    expert_ids_TK: torch.Tensor  # long, distinct experts per token
+    weights_TK: torch.Tensor  # fp32, each row sums to 1
+    aux_loss: torch.Tensor  # fp32 scalar, already multiplied by its coefficients (0 if the router has none)
+
+
+def _seeded_normal_(tensor: torch.Tensor, std: float, seed: int) -> None:
+    """Fill ``tensor`` from its own generator, so every rank builds the same values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+
+
+class Router(nn.Module):
+    def __init__(self, num_experts: int, k: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.set_top_k(k)
+
+    @property
+    def top_k(self) -> int:
+        return self._k
+
+    def set_top_k(self, k: int) -> None:
+        if not 1 <= k <= self.num_experts:
+            raise ValueError(f"top-k ({k}) must be between 1 and the number of experts ({self.num_experts}): "
+                             "change k or the schedule's k_min/k_max")
+        self._k = int(k)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routes:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self._k}"
+
+    def _no_aux(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD.new_zeros((), dtype=torch.float32)
+
+
+class RandomFrozenRouter(Router):
+    """SMoE-Dropout's router: a random Linear(D, N) that is never trained.
+
+    Weights are the softmax over the k selected logits only, so they sum to 1 for
+    every k (k = 1 gives weight 1): the output scale does not jump when k grows.
+    The projection is a frozen parameter (saved in checkpoints, skipped by the
+    optimizer) drawn from ``seed``, so it is identical on every rank by construction.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, k: int, seed: int, std: float = 0.02):
+        super().__init__(num_experts, k)
+        self.proj = nn.Linear(d_model, num_experts, bias=True)
+        _seeded_normal_(self.proj.weight, std, seed)
+        nn.init.zeros_(self.proj.bias)
+        self.proj.requires_grad_(False)
+
+    def forward(self, x_TD, token_ids_T=None) -> Routes:
+        logits_TN = F.linear(x_TD.float(), self.proj.weight.float(), self.proj.bias.float())
+        top_logits_TK, expert_ids_TK = logits_TN.topk(self._k, dim=-1)
+        return Routes(expert_ids_TK, top_logits_TK.softmax(dim=-1), self._no_aux(x_TD))
+
+
+class LearnedRouter(Router):
+    """Switch/GShard-style trainable top-k gate with the load-balance loss.
+
+    ``balance_coef * N * sum_i f_i * P_i`` where f_i is the share of the T*K
+    assignments sent to expert i and P_i the mean router probability of i (1.0 when
+    perfectly balanced), plus ``z_loss_coef * mean(logsumexp(logits)^2)``.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, k: int, seed: int, balance_coef: float = 0.01,
+                 z_loss_coef: float = 0.0, std: float = 0.02):
+        super().__init__(num_experts, k)
+        self.proj = nn.Linear(d_model, num_experts, bias=False)
+        _seeded_normal_(self.proj.weight, std, seed)
+        self.balance_coef = balance_coef
+        self.z_loss_coef = z_loss_coef
+
+    def forward(self, x_TD, token_ids_T=None) -> Routes:
+        logits_TN = F.linear(x_TD.float(), self.proj.weight.float())
+        top_logits_TK, expert_ids_TK = logits_TN.topk(self._k, dim=-1)
+        aux = self.balance_coef * balance_loss(logits_TN.softmax(dim=-1), expert_ids_TK)
+        if self.z_loss_coef:
+            aux = aux + self.z_loss_coef * logits_TN.logsumexp(dim=-1).square().mean()
+        return Routes(expert_ids_TK, top_logits_TK.softmax(dim=-1), aux)
+
+
+def balance_loss(probs_TN: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+    """``N * sum_i f_i * P_i`` (Switch Transformer), f_i over all T*K assignments."""
+    num_experts = probs_TN.shape[-1]
+    counts_N = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
+    f_N = counts_N.float() / expert_ids_TK.numel()
+    return num_experts * (f_N * probs_TN.mean(dim=0)).sum()
+
+
+class HashRouter(Router):
+    """Fixed random token-id -> experts table (Roller et al. 2021), equal weights.
+
+    Each vocabulary entry owns a random permutation of the experts; top-k takes its
+    first k, so growing k only adds experts. The table is a buffer drawn from ``seed``.
+    """
+
+    def __init__(self, num_experts: int, k: int, vocab_size: int, seed: int):
+        super().__init__(num_experts, k)
+        generator = torch.Generator().manual_seed(seed)
+        table = torch.rand(vocab_size, num_experts, generator=generator).argsort(dim=-1)
+        self.register_buffer("table", table)
+
+    def forward(self, x_TD, token_ids_T=None) -> Routes:
+        if token_ids_T is None:
+            raise ValueError("the hash router needs the input token ids: call the layer as layer(x, token_ids=ids)")
+        token_ids_T = token_ids_T.reshape(-1)
+        if token_ids_T.numel() != x_TD.shape[0]:
+            raise ValueError(f"token_ids has {token_ids_T.numel()} entries for {x_TD.shape[0]} tokens: "
+                             "pass one id per token")
+        expert_ids_TK = self.table[token_ids_T, :self._k]
+        weights_TK = x_TD.new_full(expert_ids_TK.shape, 1.0 / self._k, dtype=torch.float32)
+        return Routes(expert_ids_TK, weights_TK, self._no_aux(x_TD))
+
+
+class RandomRouter(Router):
+    """A fresh uniform choice of k distinct experts per token at every forward, equal weights.
+
+    Draws come from the router's own generator (seeded per rank), so a run is
+    reproducible and independent of the global RNG.
+    """
+
+    def __init__(self, num_experts: int, k: int, seed: int):
+        super().__init__(num_experts, k)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x_TD, token_ids_T=None) -> Routes:
+        scores_TN = torch.rand(x_TD.shape[0], self.num_experts, generator=self.generator)
+        expert_ids_TK = scores_TN.topk(self._k, dim=-1).indices.to(x_TD.device)
+        weights_TK = x_TD.new_full(expert_ids_TK.shape, 1.0 / self._k, dtype=torch.float32)
+        return Routes(expert_ids_TK, weights_TK, self._no_aux(x_TD))
+
+
+class ThorRouter(RandomRouter):
+    """THOR (Zuo et al. 2022): random experts per token (two during training), no gate.
+
+    What THOR adds is in the loss: the loop runs ``consistency_passes`` forward passes,
+    each drawing its own experts from this router's generator, and adds
+    ``consistency_coef`` times the symmetric KL between their predictions.
+    """
+
+    consistency_passes = 2
+    consistency_coef = 2.0
+
+
+def build_router(name: str, *, d_model: int, num_experts: int, k: int, seed: int, vocab_size: int | None = None,
+                 balance_coef: float = 0.01, z_loss_coef: float = 0.0, rank: int = 0) -> Router:
+    """Build a router by name. ``rank`` decorrelates the random routers' draws across ranks."""
+    if name == "random-frozen":
+        return RandomFrozenRouter(d_model, num_experts, k, seed)
+    if name == "learned":
+        return LearnedRouter(d_model, num_experts, k, seed, balance_coef, z_loss_coef)
+    if name == "hash":
+        if not vocab_size:
+            raise ValueError("the hash router needs vocab_size: set it to the tokenizer's vocabulary size")
+        return HashRouter(num_experts, k, vocab_size, seed)
+    if name == "random":
+        return RandomRouter(num_experts, k, seed + 7919 * rank)
+    if name == "thor":
+        return ThorRouter(num_experts, k, seed + 7919 * rank)
+    raise ValueError(f"router '{name}' is unknown: use one of {', '.join(ROUTERS)}")

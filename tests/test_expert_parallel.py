@@ -1,0 +1,126 @@
+"""Two real processes joined by gloo: ep_size=2 against ep_size=1, and the DeepSpeed engine."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from smoe.launcher.distributed import ds_config, spawn
+from smoe.model import MoEConfig, SMoE, init_expert_parallel, optimizer_param_groups
+from smoe.routing import ROUTERS
+
+CFG = MoEConfig(d_model=16, d_ff=128, num_experts=16, k=1, dropout=0.0, vocab_size=40, seed=4)
+TOKENS = 30
+
+
+def _forward_backward(layer, x, ids):
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y, aux, counts = layer(x, ids)
+    (y.square().sum() + aux).backward()
+    return y.detach(), x.grad, counts
+
+
+def _compare_ep2_with_ep1(rank, world_size, router):
+    import deepspeed.comm as dist
+
+    ep_rank = init_expert_parallel(2)
+    assert ep_rank == rank
+    config = replace(CFG, router=router)
+    single = SMoE(config, rank=rank)  # every expert on this rank
+    sharded = SMoE(replace(config, ep_size=2), ep_rank=ep_rank, rank=rank)
+    sharded.set_deepspeed_parallelism()
+    local = slice(ep_rank * 8, ep_rank * 8 + 8)
+
+    for name, param in sharded.router.named_parameters():  # the router is the same on every rank
+        copies = [torch.empty_like(param) for _ in range(world_size)]
+        dist.all_gather(copies, param.detach().contiguous())
+        assert all(torch.equal(c, copies[0]) for c in copies), name
+
+    g = torch.Generator().manual_seed(100 + rank)  # each rank has its own tokens
+    x, ids = torch.randn(TOKENS, 16, generator=g), torch.randint(0, 40, (TOKENS,), generator=g)
+    for k in (1, 8, 16):
+        single.set_top_k(k)
+        sharded.set_top_k(k)
+        y1, gx1, counts1 = _forward_backward(single, x, ids)
+        y2, gx2, counts2 = _forward_backward(sharded, x, ids)
+        torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-6, msg=f"{router} k={k}: outputs")
+        torch.testing.assert_close(gx2, gx1, rtol=1e-5, atol=1e-6, msg=f"{router} k={k}: input grads")
+        # A sharded expert sees the tokens of both ranks: its gradient is the sum of the
+        # single-rank gradients of the same expert over ranks (what data parallelism all-reduces).
+        for expert in single.local_experts:
+            for p in expert.parameters():
+                dist.all_reduce(p.grad)
+        for e1, e2 in zip(single.local_experts[local], sharded.local_experts):
+            for (n, p1), p2 in zip(e1.named_parameters(), e2.parameters()):
+                torch.testing.assert_close(p2, p1)
+                torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-5, atol=1e-6, msg=f"{router} k={k}: {n} grad")
+        for p1, p2 in zip(single.router.parameters(), sharded.router.parameters()):
+            if p1.requires_grad:
+                torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-5, atol=1e-6)
+        assert torch.equal(counts1, counts2)
+        if k == 16:  # every token reaches every expert, on both ranks
+            assert counts2.tolist() == [TOKENS] * 16
+
+    if router not in ("random", "thor"):
+        sharded.eval()
+        outputs = []
+        for k in (1, 8, 16):
+            sharded.set_top_k(k)
+            outputs.append(sharded(x, ids)[0])
+        assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[1], outputs[2])
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_ep2_gives_the_outputs_and_gradients_of_ep1(router):
+    spawn(_compare_ep2_with_ep1, 2, router)
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self, ep_rank):
+        super().__init__()
+        self.embed = torch.nn.Embedding(40, 16)
+        self.moe = SMoE(replace(CFG, ep_size=2, k=2), ep_rank=ep_rank)
+        self.head = torch.nn.Linear(16, 40)
+
+    def forward(self, ids):
+        y, aux, _ = self.moe(self.embed(ids), ids)
+        return torch.nn.functional.cross_entropy(self.head(y).flatten(0, 1), ids.roll(1, dims=1).flatten()) + aux
+
+
+def _engine_keeps_the_router_frozen(rank, world_size, checkpoint_dir):
+    import deepspeed
+
+    ep_rank = init_expert_parallel(2)
+    model = _TinyLM(ep_rank)
+    optimizer = torch.optim.Adam(optimizer_param_groups(model), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config("cpu"))
+    router = model.moe.router.proj
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(router.weight) not in in_optimizer and id(router.bias) not in in_optimizer
+    router_before = router.weight.detach().clone()
+    expert_before = model.moe.local_experts[0].fc1.weight.detach().clone()
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        loss = engine(torch.randint(0, 40, (4, 12), generator=g))
+        engine.backward(loss)
+        engine.step()
+    assert router.weight.grad is None
+    assert torch.equal(router.weight, router_before)
+    assert not torch.equal(model.moe.local_experts[0].fc1.weight, expert_before)
+    engine.save_checkpoint(checkpoint_dir, tag="step3")
+
+    fresh = _TinyLM(ep_rank)
+    with torch.no_grad():
+        fresh.moe.router.proj.weight.zero_()
+    fresh_engine, *_ = deepspeed.initialize(model=fresh, optimizer=torch.optim.Adam(optimizer_param_groups(fresh)),
+                                            config=ds_config("cpu"))
+    fresh_engine.load_checkpoint(checkpoint_dir, tag="step3")
+    assert torch.equal(fresh.moe.router.proj.weight, router_before)
+    for mine, loaded in zip(model.moe.local_experts, fresh.moe.local_experts):
+        assert torch.equal(mine.fc2.weight, loaded.fc2.weight)
+
+
+def test_deepspeed_engine_trains_experts_and_never_the_router(tmp_path):
+    spawn(_engine_keeps_the_router_frozen, 2, str(tmp_path))
+    assert len(list(tmp_path.glob("step3/*expert_*"))) == 16  # one file per expert, from both ranks

@@ -1,0 +1,237 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from smoe.model import MLP, DenseConfig, DenseFFN, MoEConfig, SMoE, modularize, optimizer_param_groups
+from smoe.model.dense import ConcreteDropout, DropBlock1d
+from smoe.routing import ROUTERS
+
+CFG = MoEConfig(d_model=16, d_ff=128, num_experts=16, k=1, dropout=0.0, vocab_size=40, seed=5)
+
+
+def batch(seed=0, shape=(3, 11)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, CFG.d_model, generator=g), torch.randint(0, 40, shape, generator=g)
+
+
+def test_modularize_reproduces_the_dense_mlp_exactly():
+    torch.manual_seed(0)
+    dense = MLP(16, 128, "gelu", 0.0)
+    x = torch.randn(20, 16)
+    experts = modularize(dense, 16)
+    assert all(e.fc1.out_features == 8 for e in experts)
+    assert sum(p.numel() for e in experts for p in e.parameters()) == \
+        sum(p.numel() for p in dense.parameters()) + 15 * 16  # fc2 bias now lives in every expert
+    torch.testing.assert_close(sum(e(x) for e in experts), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_modularize_refuses_a_width_not_divisible_by_n():
+    with pytest.raises(ValueError, match=r"hidden size \(100\) is not divisible by num_experts \(16\)"):
+        modularize(MLP(8, 100), 16)
+
+
+def test_load_experts_then_k_equals_n_with_equal_weights_is_the_dense_mlp_over_n():
+    torch.manual_seed(1)
+    dense = MLP(16, 128, "relu", 0.0)
+    layer = SMoE(replace(CFG, router="hash", k=16))
+    layer.load_experts(modularize(dense, 16))
+    x, ids = batch()
+    y, _, counts = layer(x, ids)  # hash routing weights every expert 1/16
+    torch.testing.assert_close(y, dense(x) / 16, rtol=1e-5, atol=1e-6)
+    assert counts.tolist() == [x.shape[0] * x.shape[1]] * 16
+
+
+def _run(layer, dispatch, x, ids):
+    layer.deepspeed_moe.dispatch = dispatch
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y, aux, _ = layer(x, ids)
+    (y.square().sum() + aux).backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("router", ["random-frozen", "learned", "hash"])
+@pytest.mark.parametrize("k", list(range(1, 17)))
+def test_fast_paths_equal_the_reference_loop(router, k):
+    layer = SMoE(replace(CFG, router=router, k=k))
+    x, ids = batch(k)
+    y_ref, gx_ref, g_ref = _run(layer, "reference", x, ids)
+    for dispatch in ("sorted", "masked-dense"):
+        y, gx, g = _run(layer, dispatch, x, ids)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+        assert g.keys() == g_ref.keys()
+        for name in g_ref:
+            torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=f"{dispatch}: {name}")
+
+
+def test_masked_dense_dropout_matches_the_reference_in_expectation():
+    layer = SMoE(replace(CFG, k=16, dropout=0.5, dispatch="masked-dense"))
+    x, _ = batch(shape=(64, 32))
+    layer.eval()
+    clean = layer(x)[0]
+    layer.train()
+    torch.manual_seed(0)
+    noisy = torch.stack([layer(x)[0] for _ in range(200)]).mean(0)
+    assert (noisy - clean).abs().mean() < 0.1 * clean.abs().mean()
+    assert not torch.equal(layer(x)[0], layer(x)[0])
+
+
+def test_auto_dispatch_switches_to_masked_dense_near_k_equals_n():
+    layer = SMoE(CFG)
+    paths = {}
+    for k in range(1, 17):
+        layer.set_top_k(k)
+        paths[k] = layer.deepspeed_moe.path()
+    assert paths[1] == "sorted" and paths[16] == "masked-dense"
+    assert list(paths.values()) == sorted(paths.values(), key=lambda p: p == "masked-dense")
+
+
+def test_output_scale_does_not_jump_when_k_goes_from_1_to_2():
+    layer = SMoE(replace(CFG, d_model=64, d_ff=1024)).eval()
+    x = torch.randn(4096, 64)
+    norms = {}
+    for k in (1, 2):
+        layer.set_top_k(k)
+        norms[k] = layer(x)[0].norm(dim=-1).mean().item()
+    # top-1 weights are exactly 1 and top-2 weights sum to 1: the same scale. DeepSpeed's own k=1 gate
+    # (unrenormalised softmax, ~1/16 here) would make this ratio about 8.
+    assert 0.6 < norms[2] / norms[1] < 1.0
+
+
+def test_changing_k_at_evaluation_changes_the_output():
+    layer = SMoE(replace(CFG, k=1)).eval()
+    x, _ = batch()
+    outputs = []
+    for k in (1, 2, 8, 16):
+        layer.set_top_k(k)
+        outputs.append(layer(x)[0])
+    assert all(not torch.allclose(a, b) for a, b in zip(outputs, outputs[1:]))
+
+
+def test_frozen_router_is_outside_the_optimizer_and_never_changes():
+    model = SMoE(replace(CFG, k=2))
+    groups = optimizer_param_groups(model, lr=0.1)
+    in_optimizer = {id(p) for group in groups for p in group["params"]}
+    assert not any(id(p) in in_optimizer for p in model.router.parameters())
+    assert any(group.get("moe") for group in groups)  # experts are in their own MoE group
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    router_before = {k: v.clone() for k, v in model.router.state_dict().items()}
+    expert_before = model.local_experts[0].fc1.weight.clone()
+    model.set_top_k(16)  # every expert gets gradient
+    for step in range(3):
+        x, _ = batch(step)
+        model(x)[0].square().mean().backward()
+        assert model.router.proj.weight.grad is None
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(v, model.router.state_dict()[k]) for k, v in router_before.items())
+    assert not torch.equal(expert_before, model.local_experts[0].fc1.weight)
+
+
+def test_router_survives_save_and_load():
+    model = SMoE(replace(CFG, seed=9))
+    fresh = SMoE(replace(CFG, seed=1))
+    assert not torch.equal(model.router.proj.weight, fresh.router.proj.weight)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(model.router.proj.weight, fresh.router.proj.weight)
+    assert not fresh.router.proj.weight.requires_grad
+
+
+def test_experts_differ_and_depend_only_on_the_seed():
+    a, b = SMoE(CFG), SMoE(CFG)
+    w = [e.fc1.weight for e in a.local_experts]
+    assert not torch.equal(w[0], w[1])
+    assert all(torch.equal(x.fc1.weight, y.fc1.weight) for x, y in zip(a.local_experts, b.local_experts))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(k=0), r"MoEConfig.k \(0\) must be between 1 and num_experts \(16\)"),
+    (dict(k=17), r"MoEConfig.k \(17\) must be between 1 and num_experts \(16\)"),
+    (dict(ep_size=3), r"num_experts \(16\) is not divisible by ep_size \(3\)"),
+    (dict(d_ff=100), r"d_ff \(100\) is not divisible by num_experts \(16\)"),
+    (dict(router="switch"), r"router 'switch' is unknown"),
+    (dict(dispatch="fast"), r"dispatch 'fast' is unknown"),
+    (dict(router="hash", vocab_size=None), r"vocab_size is needed by the hash router"),
+])
+def test_bad_config_names_the_field_and_the_fix(changes, message):
+    with pytest.raises(ValueError, match=message):
+        replace(CFG, **changes)
+
+
+def test_every_router_runs_in_the_layer():
+    x, ids = batch()
+    for router in ROUTERS:
+        y, aux, counts = SMoE(replace(CFG, router=router, k=2))(x, ids)
+        assert y.shape == x.shape and counts.sum() == 2 * ids.numel()
+
+
+def test_dense_baselines_share_the_layer_interface():
+    x, _ = batch()
+    for regularizer in ("dropout", "concrete", "dropblock"):
+        ffn = DenseFFN(DenseConfig(16, 128, regularizer=regularizer, block_size=8))
+        y, aux, counts = ffn(x)
+        assert y.shape == x.shape and counts is None
+        ffn.eval()
+        torch.testing.assert_close(ffn(x)[0], ffn.mlp.fc2(ffn.mlp.act(ffn.mlp.fc1(x))))  # no dropout at eval
+
+
+def test_concrete_dropout_learns_p_and_returns_its_regulariser():
+    torch.manual_seed(0)
+    ffn = DenseFFN(DenseConfig(16, 128, regularizer="concrete", dropout=0.2))
+    drop = ffn.mlp.dropout
+    assert isinstance(drop, ConcreteDropout) and drop.temperature == 0.1
+    assert drop.p.item() == pytest.approx(0.2)
+    y, aux, _ = ffn(torch.randn(8, 16))
+    p = drop.p
+    expected = 1e-6 * ffn.mlp.fc2.weight.square().sum() / (1 - p) + 1e-5 * 128 * (p * p.log() + (1 - p) * (1 - p).log())
+    assert aux.item() == pytest.approx(expected.item(), rel=1e-5)
+    (y.sum() + aux).backward()
+    assert drop.p_logit.grad is not None and drop.p_logit.grad != 0
+
+
+def test_dropblock_drops_contiguous_blocks_at_about_the_rate():
+    torch.manual_seed(0)
+    block = DropBlock1d(p=0.2, block_size=8).train()
+    h = torch.ones(512, 256)
+    out = block(h)
+    dropped = out == 0
+    assert 0.13 < dropped.float().mean().item() < 0.27
+    runs = [len(r) for row in dropped.int().tolist() for r in "".join(map(str, row)).split("0") if r]
+    assert min(runs) >= 8  # no dropped run shorter than a block
+    assert out[~dropped].mean().item() == pytest.approx(1 / (1 - dropped.float().mean().item()), rel=1e-4)
+
+
+def test_bad_dense_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="regularizer 'gaussian' is unknown"):
+        DenseConfig(16, 128, regularizer="gaussian")
+    with pytest.raises(ValueError, match=r"block_size \(500\) must be between 1 and d_ff \(128\)"):
+        DenseConfig(16, 128, regularizer="dropblock", block_size=500)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_masked_dense_gradients_match_autograd_with_dropout(activation):
+    layer = SMoE(replace(CFG, k=12, dropout=0.3, activation=activation))
+    x, _ = batch()
+    torch.manual_seed(7)
+    y_fast, gx_fast, g_fast = _run(layer, "masked-dense", x, None)
+    # the same computation through plain autograd, with the same dropout draws
+    torch.manual_seed(7)
+    layer.zero_grad(set_to_none=True)
+    xr = x.clone().requires_grad_()
+    x_TD = xr.reshape(-1, 16)
+    routes = layer.router(x_TD)
+    gate = torch.zeros(x_TD.shape[0], 16).scatter(1, routes.expert_ids_TK, routes.weights_TK)
+    y = 0
+    for e, expert in enumerate(layer.local_experts):
+        h = expert.fc1(x_TD)
+        keep = torch.rand_like(h) >= 0.3
+        y = y + expert.fc2(expert.act(h) * keep / 0.7 * gate[:, e:e + 1]) - (1 - gate[:, e:e + 1]) * expert.fc2.bias
+    y.square().sum().backward()
+    torch.testing.assert_close(y_fast, y.detach().view_as(y_fast))
+    torch.testing.assert_close(gx_fast, xr.grad)
+    for name, p in layer.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g_fast[name], p.grad, rtol=1e-4, atol=1e-6)
