@@ -78,6 +78,7 @@ def sorted_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
 
 def expert_parallel_combine(local_experts, x_TD: torch.Tensor, routes: Routes, num_experts: int, ep_group,
                             ep_rank: int) -> torch.Tensor:
+    num_tokens, d_model = x_TD.shape
     ranks = dist.get_world_size(group=ep_group)
     local = num_experts // ranks
     assignments = Assignments.sort(routes, num_experts)
@@ -85,24 +86,31 @@ def expert_parallel_combine(local_experts, x_TD: torch.Tensor, routes: Routes, n
 
     gathered = [torch.empty_like(counts_N) for _ in range(ranks)]
     dist.all_gather(gathered, counts_N, group=ep_group)
-    counts_RN = torch.stack(gathered)
-    capacity = int(counts_RN.max())
+    counts_RL = torch.stack(gathered).view(ranks, ranks, local)[:, ep_rank]  # what each rank sends our experts
+    capacity = max(int(c.max()) for c in gathered)
 
-    # Slot of each assignment in the padded (N, C) send buffer.
-    expert_A = torch.repeat_interleave(torch.arange(num_experts, device=counts_N.device), counts_N)
+    # Slot s of the (N, C) send buffer holds token token_S[s]; padding slots read a zero row (index T).
+    expert_A = torch.repeat_interleave(torch.arange(num_experts, device=x_TD.device), counts_N)
     first_N = counts_N.cumsum(0) - counts_N
-    slot_A = expert_A * capacity + torch.arange(expert_A.numel(), device=counts_N.device) - first_N[expert_A]
-    send = x_TD.new_zeros(num_experts * capacity, x_TD.shape[1])
-    send = send.index_copy(0, slot_A, x_TD[assignments.token_A])
-    received = _AllToAll.apply(ep_group, send)  # block r: rank r's rows for our L experts
+    slot_A = expert_A * capacity + torch.arange(expert_A.numel(), device=x_TD.device) - first_N[expert_A]
+    token_S = torch.full((num_experts * capacity,), num_tokens, device=x_TD.device).index_copy(
+        0, slot_A, assignments.token_A)
+    send = torch.cat([x_TD, x_TD.new_zeros(1, d_model)])[token_S]
+    received = _AllToAll.apply(ep_group, send)
 
-    # The rows that hold real tokens, grouped by local expert.
-    counts_RL = counts_RN[:, ep_rank * local:(ep_rank + 1) * local]
-    rows = torch.cat([r * local * capacity + l * capacity + torch.arange(int(counts_RL[r, l]), device=x_TD.device)
-                      for l in range(local) for r in range(ranks)])
-    y_rows = run_experts(local_experts, received[rows], counts_RL.sum(0))
-    returned = _AllToAll.apply(ep_group, torch.zeros_like(received).index_copy(0, rows, y_rows))
-    return assignments.combine(returned[slot_A], x_TD.shape[0])
+    # Each local expert runs on the real rows of each rank's block, never on the padding. One
+    # split (not a slice per block, whose backward would each build a full-size gradient).
+    rows_B = counts_RL.reshape(-1).tolist()
+    pieces = received.split([n for rows in rows_B for n in (rows, capacity - rows)])
+    blocks = []
+    for b, rows in enumerate(rows_B):
+        expert = local_experts[b % local]
+        blocks += [expert(pieces[2 * b]), received.new_zeros(capacity - rows, d_model)]
+    returned = _AllToAll.apply(ep_group, torch.cat(blocks))
+
+    weight_S = torch.zeros(num_experts * capacity, device=x_TD.device).index_copy(0, slot_A, assignments.weight_A)
+    y_SD = returned * weight_S.to(returned.dtype)[:, None]
+    return y_SD.new_zeros(num_tokens + 1, d_model).index_add(0, token_S, y_SD)[:num_tokens]
 
 
 def masked_dense_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
