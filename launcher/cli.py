@@ -1,24 +1,93 @@
-"""The `smoe` command. Subcommands are added as the project grows: `smoe bench layer` now."""
+"""The `smoe` command: `smoe train`, `smoe eval` and `smoe bench layer`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smoe", description="SMoE-Dropout transformers on DeepSpeed.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_train(commands) -> None:
+    from . import train
+    from .config import presets
+
+    parser = commands.add_parser(
+        "train", help="train Transformer-XL on enwik8 or any byte file",
+        description=train.__doc__ + "\npresets: " + "; ".join(f"{name}: {values.get('description', '')}"
+                                                              for name, values in presets().items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="tiny, paper, paper-8l or paper-12l (default: tiny)")
+    parser.add_argument("--method", help="dense, dense-concrete, dense-dropblock, smoe-dropout, smoe-learned, "
+                                         "smoe-learned-increasing-k, thor, hash or random (default: smoe-dropout)")
+    parser.add_argument("--data-dir", help="directory holding enwik8 or enwik8.zip (downloaded when absent)")
+    parser.add_argument("--data-file", help="any raw file, split 90/5/5 by bytes, one token per byte")
+    parser.add_argument("--out", required=True, help="run directory (config, checkpoints, tb/, eval.json)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--stop-at", type=int, help="stop (with a checkpoint) at this step; schedules still plan "
+                                                   "for max_steps")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="override any config key, e.g. max_steps=2000 lr=5e-4 moe_layers=every-2")
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> None:
+    from .config import build_config, parse_override
+    from .train import Trainer
+
+    overrides = dict(parse_override(text) for text in args.overrides)
+    if args.method:
+        overrides["method"] = args.method
+    if args.data_dir:
+        overrides["data_dir"] = str(Path(args.data_dir).resolve())
+    if args.data_file:
+        overrides["data_file"] = str(Path(args.data_file).resolve())
+    config = build_config(args.preset, overrides)
+    Trainer(config, Path(args.out), resume=args.resume).train(stop_at=args.stop_at)
+
+
+def _add_eval(commands) -> None:
+    parser = commands.add_parser("eval", help="BPC at every k, FLOPs and active parameters of a trained run",
+                                 description="Validation and test BPC of a run's latest checkpoint at each k, with "
+                                             "inference FLOPs per token and active parameters; --plot draws BPC "
+                                             "against active parameters (the paper's Figure 1).")
+    parser.add_argument("run_dir", help="the --out directory of a `smoe train` run")
+    parser.add_argument("--k", help="comma-separated ks (default: the run's eval_ks)")
+    parser.add_argument("--json", help="write the table here")
+    parser.add_argument("--plot", help="write the BPC-vs-active-parameters plot here (PNG)")
+    parser.add_argument("--data-dir", help="evaluate on this enwik8 directory instead of the run's data")
+    parser.add_argument("--data-file", help="evaluate on this raw file instead of the run's data")
+    parser.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> None:
+    from .evaluate import evaluate_run
+
+    ks = [int(k) for k in args.k.split(",")] if args.k else None
+    data = {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+            "data_file": str(Path(args.data_file).resolve()) if args.data_file else None}
+    evaluate_run(Path(args.run_dir), ks, json_path=args.json, plot_path=args.plot, **data)
+
+
+def _add_bench(commands) -> None:
+    from . import bench_layer
 
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks.")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from . import bench_layer
-
     layer = benches.add_parser("layer", help="MoE layer time and memory vs the dense MLP and stock DeepSpeed",
                                description=bench_layer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_layer.add_arguments(layer)
     layer.set_defaults(run=bench_layer.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smoe", description="SMoE-Dropout transformers on DeepSpeed.")
+    # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment is what is used.
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(commands)
+    _add_eval(commands)
+    _add_bench(commands)
     return parser
 
 
@@ -30,9 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"smoe: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from .train import TrainingDiverged
+
+        if not isinstance(error, TrainingDiverged):
+            raise
+        print(f"smoe: error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

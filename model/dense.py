@@ -42,7 +42,7 @@ class DenseConfig:
             raise ValueError(f"DenseConfig.dropout ({self.dropout}) must be in [0, 1)")
         if self.regularizer == "concrete" and not 0.0 < self.dropout < 1.0:
             raise ValueError(f"Concrete Dropout needs an initial p in (0, 1), got DenseConfig.dropout={self.dropout}")
-        if not 1 <= self.block_size <= self.d_ff:
+        if self.regularizer == "dropblock" and not 1 <= self.block_size <= self.d_ff:
             raise ValueError(f"DenseConfig.block_size ({self.block_size}) must be between 1 and d_ff ({self.d_ff})")
 
 

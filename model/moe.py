@@ -35,7 +35,7 @@ from .mlp import ACTIVATIONS, MLP
 
 DISPATCHES = ("auto", "sorted", "masked-dense", "reference")
 # k / N from which "auto" runs all experts as one masked dense MLP (see `smoe bench layer`).
-MASKED_DENSE_FROM = 0.75
+MASKED_DENSE_FROM = 0.875
 
 
 @dataclass

@@ -1,0 +1,111 @@
+"""Checkpoints through DeepSpeed's engine, made crash-safe and exactly resumable.
+
+Layout under ``RUN/checkpoints/``::
+
+    step000250/             DeepSpeed's files: model states (with the training state
+                            below as client state), optimizer, one file per expert
+    step000250/rank0.pt     what only this rank knows: RNG states, Transformer-XL memory,
+                            the random routers' generators
+    latest                  the tag of the last *complete* checkpoint
+
+``latest`` is replaced atomically, and only after every rank has finished writing, so a
+run killed while saving resumes from the checkpoint before. Older checkpoints are
+deleted only after that.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+from pathlib import Path
+
+import deepspeed.comm as dist
+import numpy as np
+import torch
+from torch import nn
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name beside ``path``, then rename: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    pointer = Path(ckpt_dir) / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def generators(model: nn.Module) -> dict[str, torch.Generator]:
+    """The private generators of modules (random and THOR routers), by module name."""
+    return {name: module.generator for name, module in model.named_modules()
+            if isinstance(getattr(module, "generator", None), torch.Generator)}
+
+
+def rank_state(model: nn.Module, mems: list[torch.Tensor] | None) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "generators": {name: g.get_state() for name, g in generators(model).items()},
+        "mems": None if mems is None else [m.cpu() for m in mems],
+    }
+
+
+def restore_rank_state(model: nn.Module, state: dict, device: torch.device) -> list[torch.Tensor] | None:
+    """Put the RNG states back and return the saved memory (on ``device``)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    for name, generator in generators(model).items():
+        generator.set_state(state["generators"][name])
+    return None if state["mems"] is None else [m.to(device) for m in state["mems"]]
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, mems, keep: int) -> str:
+    """Save on every rank (a collective); returns the tag."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"step{step:06d}"
+    rank = dist.get_rank()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    buffer = io.BytesIO()
+    torch.save(rank_state(engine.module, mems), buffer)
+    write_atomic(ckpt_dir / tag / f"rank{rank}.pt", buffer.getvalue())
+    dist.barrier()  # every rank's files are on disk before `latest` moves
+    if rank == 0:
+        write_atomic(ckpt_dir / "latest", tag.encode())
+        older = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name != tag)
+        for path in older[:max(len(older) - (keep - 1), 0)]:
+            shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load(engine, ckpt_dir: Path, device: torch.device) -> tuple[dict, list | None]:
+    """Load the latest complete checkpoint: DeepSpeed's states, then this rank's own state.
+
+    Returns the client state saved with it and this rank's Transformer-XL memory."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        raise ValueError(f"no complete checkpoint in {ckpt_dir} (no 'latest' file): start without --resume")
+    rank_file = ckpt_dir / tag / f"rank{dist.get_rank()}.pt"
+    if not rank_file.is_file():
+        raise ValueError(f"{rank_file} is missing: checkpoint {tag} was written by fewer ranks than this job's "
+                         f"{dist.get_world_size()}; resume with the world size it was saved with")
+    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if load_path is None:
+        raise ValueError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}: it is incomplete or corrupt; "
+                         f"point 'latest' at an older step directory or start a new run")
+    state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    return client_state, restore_rank_state(engine.module, state, device)
+

@@ -1,0 +1,191 @@
+"""The one training config: a preset from ``presets.json``, then command-line overrides.
+
+``TrainConfig`` is flat on purpose: every knob of a run is one ``key=value`` away on
+the command line, is saved as ``config.json`` in the run directory, and flows down to
+the model, data and loop. Validation names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass
+from importlib.resources import files
+
+from smoe.model.feedforward import FeedForwardSpec, get_method, moe_layers
+from smoe.model.transformer_xl import TransformerXLConfig
+from smoe.routing import TopKSchedule
+
+# Fields that fix the shapes of the saved tensors: a resume must not change them.
+SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "num_experts", "method", "moe_layers",
+                "vocab_size", "ep_size")
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "paper"
+    # data: a directory with enwik8 (or enwik8.zip, downloaded when absent), or any raw file split 90/5/5
+    data_dir: str = ""
+    data_file: str = ""
+    # Transformer-XL
+    vocab_size: int = 256  # one token per byte
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 8
+    d_head: int = 64
+    d_inner: int = 8192  # the dense MLP width: num_experts experts of d_inner / num_experts
+    dropout: float = 0.1
+    dropatt: float = 0.0
+    tgt_len: int = 512
+    mem_len: int = 512
+    eval_tgt_len: int = 128
+    clamp_len: int = -1
+    # feed-forward method (smoe.model.feedforward.METHODS)
+    method: str = "smoe-dropout"
+    moe_layers: str = "all"
+    num_experts: int = 16
+    k_min: int = 8  # increasing-k methods: k = linear(k_min -> k_max) over max_steps
+    k_max: int = 16
+    k_fixed: int = 2  # fixed-k methods (smoe-learned, thor)
+    balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    consistency_coef: float = 2.0  # THOR's symmetric KL weight
+    dropblock_size: int = 64
+    ep_size: int = 1
+    dispatch: str = "auto"
+    # optimisation
+    batch_size: int = 22  # global, over all data-parallel ranks
+    eval_batch_size: int = 10
+    max_steps: int = 400_000
+    lr: float = 2.5e-4
+    lr_min: float = 0.0  # cosine decay ends here
+    warmup_steps: int = 0
+    clip: float = 0.25
+    seed: int = 1111
+    # bookkeeping
+    log_every: int = 200
+    eval_every: int = 4000
+    eval_segments: int = 0  # validation during training reads this many segments (0: the whole split)
+    save_every: int = 4000
+    keep_checkpoints: int = 2
+    eval_ks: tuple[int, ...] = (1, 2, 4, 8, 16)  # the sweep printed at the end of training
+    ds_config: str = "cpu"
+
+    def __post_init__(self):
+        self.eval_ks = tuple(int(k) for k in self.eval_ks)
+        method = get_method(self.method)
+        positive = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "tgt_len", "eval_tgt_len", "num_experts",
+                    "batch_size", "eval_batch_size", "max_steps", "log_every", "eval_every", "save_every",
+                    "keep_checkpoints", "ep_size", "vocab_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
+        for name in ("lr", "clip", "mem_len", "eval_segments", "warmup_steps", "lr_min", "balance_coef",
+                     "z_loss_coef", "consistency_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must not be negative")
+        if not method.dense:
+            moe_layers(self.moe_layers, self.n_layer)
+            self.k_schedule().check_experts(self.num_experts)
+            bad = [k for k in self.eval_ks if not 1 <= k <= self.num_experts]
+            if bad:
+                raise ValueError(f"eval_ks {bad} outside 1..num_experts ({self.num_experts}): "
+                                 f"use e.g. eval_ks=1,2,4,{self.num_experts}")
+        self.model_config()
+
+    @property
+    def eval_mem_len(self) -> int:
+        """Evaluation memory: Transformer-XL's eval keeps the training context (mem_len + tgt_len)
+        when it reads shorter segments."""
+        return self.mem_len + max(self.tgt_len - self.eval_tgt_len, 0)
+
+    def k_schedule(self) -> TopKSchedule:
+        """k by optimizer step for this method (dense methods: a constant 1, unused)."""
+        method = get_method(self.method)
+        if method.dense:
+            return TopKSchedule.constant(1)
+        if method.increasing_k:
+            return TopKSchedule.linear(self.k_min, self.k_max, self.max_steps)
+        return TopKSchedule.constant(self.k_fixed)
+
+    def model_config(self) -> TransformerXLConfig:
+        return TransformerXLConfig(vocab_size=self.vocab_size, n_layer=self.n_layer, d_model=self.d_model,
+                                   n_head=self.n_head, d_head=self.d_head, d_inner=self.d_inner,
+                                   dropout=self.dropout, dropatt=self.dropatt, tgt_len=self.tgt_len,
+                                   mem_len=self.mem_len, clamp_len=self.clamp_len, seed=self.seed)
+
+    def feedforward_spec(self) -> FeedForwardSpec:
+        return FeedForwardSpec(self.method, self.d_model, self.d_inner, self.n_layer, self.moe_layers,
+                               self.num_experts, self.k_schedule()(0), dropout=self.dropout,
+                               balance_coef=self.balance_coef, z_loss_coef=self.z_loss_coef,
+                               dropblock_size=self.dropblock_size, vocab_size=self.vocab_size,
+                               ep_size=self.ep_size, dispatch=self.dispatch, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["eval_ks"] = list(self.eval_ks)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        _check_keys(values)
+        return cls(**values)
+
+
+def presets() -> dict[str, dict]:
+    return json.loads((files("smoe") / "launcher" / "presets.json").read_text())
+
+
+def preset_values(name: str) -> dict:
+    """A preset's values, following ``"base"`` links (``paper-8l`` is ``paper`` with 8 layers)."""
+    table = presets()
+    if name not in table:
+        raise ValueError(f"preset '{name}' is unknown: use one of {', '.join(table)}")
+    values = dict(table[name])
+    base = values.pop("base", None)
+    values = {**(preset_values(base) if base else {}), **values}
+    values.pop("description", None)
+    return {**values, "preset": name}
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` with the value converted to the field's type."""
+    if "=" not in text:
+        raise ValueError(f"override '{text}' is not key=value, e.g. max_steps=1000")
+    key, raw = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    _check_keys({key: None})
+    kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[key]
+    try:
+        if kind == "int":
+            return key, int(raw)
+        if kind == "float":
+            return key, float(raw)
+        if kind == "tuple[int, ...]":
+            return key, tuple(int(v) for v in raw.split(",") if v)
+        return key, raw
+    except ValueError:
+        raise ValueError(f"override {key}={raw}: expected {kind.split('[')[0]}, got '{raw}'") from None
+
+
+def build_config(preset: str, overrides: dict | None = None) -> TrainConfig:
+    return TrainConfig.from_dict({**preset_values(preset), **(overrides or {})})
+
+
+def _check_keys(values: dict) -> None:
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "see `smoe train --help` for the keys"
+            raise ValueError(f"config key '{key}' does not exist: {hint}")
+
+
+def check_resume_compatible(saved: TrainConfig, current: TrainConfig) -> None:
+    """Refuse a resume whose config would not fit the saved tensors."""
+    changed = [f"{name}: saved {getattr(saved, name)!r}, now {getattr(current, name)!r}"
+               for name in SHAPE_FIELDS if getattr(saved, name) != getattr(current, name)]
+    if changed:
+        raise ValueError("cannot resume: the config changes the model's shape (" + "; ".join(changed) +
+                         "). Resume with the saved values, or start a new run in another --out directory")

@@ -1,0 +1,215 @@
+"""Evaluation: bits per character at any k, inference FLOPs and active parameters.
+
+The self-slimmable claim is a table: for each k, validation and test BPC, the
+parameters a token touches, and the FLOPs per token (torch's FlopCounterMode over one
+segment with full memory). The plot is the paper's Figure 1: BPC against active
+parameters, one point per k.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from dataclasses import asdict, dataclass
+
+import deepspeed.comm as dist
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from smoe.data import OrderedStream
+from smoe.model.moe import SMoE
+from smoe.model.transformer_xl import lm_loss
+
+LN2 = math.log(2.0)
+
+
+def moe_layers_of(model: nn.Module) -> list[SMoE]:
+    return [m for m in model.modules() if isinstance(m, SMoE)]
+
+
+def set_top_k(model: nn.Module, k: int) -> None:
+    for layer in moe_layers_of(model):
+        layer.set_top_k(k)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stream: OrderedStream, mem_len: int, max_segments: int = 0) -> float:
+    """Mean cross-entropy (nats per token) over the stream, summed over data-parallel ranks.
+
+    Memory starts empty and is carried from segment to segment, ``mem_len`` long
+    (Transformer-XL evaluates shorter segments with a longer memory)."""
+    was_training, train_mem_len = model.training, model.mem_len
+    model.eval()
+    model.mem_len = mem_len
+    device = next(model.parameters()).device
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    mems = None
+    for segment in stream:
+        if max_segments and segment.index >= max_segments:
+            break
+        out = model(segment.inputs.to(device), mems)
+        mems = out.mems
+        count = segment.targets.numel()
+        nats += lm_loss(out.logits, segment.targets.to(device)).double() * count
+        tokens += count
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(nats)
+        dist.all_reduce(tokens)
+    model.train(was_training)
+    model.mem_len = train_mem_len
+    return (nats / tokens).item()
+
+
+def active_parameters(model: nn.Module, k: int | None) -> int:
+    """Parameters one token uses: all but the N - k experts it skips in each MoE layer
+    (counted for the whole model, also when this rank holds only some experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    for layer in moe_layers_of(model):
+        per_expert = sum(p.numel() for p in layer.local_experts[0].parameters())
+        total += per_expert * (k - layer.num_local_experts)
+    return total
+
+
+@torch.no_grad()
+def flops_per_token(model: nn.Module, seq_len: int, mem_len: int, vocab_size: int) -> float:
+    """Forward FLOPs per token for one segment with full memory, counted on the sparse
+    (sorted) dispatch so that the count follows k, as the paper reports."""
+    was_training, train_mem_len = model.training, model.mem_len
+    model.eval()
+    model.mem_len = mem_len
+    device = next(model.parameters()).device
+    dispatchers = [layer.deepspeed_moe for layer in moe_layers_of(model)]
+    saved = [d.dispatch for d in dispatchers]
+    for d in dispatchers:
+        d.dispatch = "sorted"
+    try:
+        warm = torch.randint(vocab_size, (1, max(mem_len, 1)), device=device)
+        mems = model(warm).mems if mem_len else None
+        inputs = torch.randint(vocab_size, (1, seq_len), device=device)
+        with FlopCounterMode(display=False) as counter:
+            model(inputs, mems)
+    finally:
+        for d, dispatch in zip(dispatchers, saved):
+            d.dispatch = dispatch
+        model.train(was_training)
+        model.mem_len = train_mem_len
+    return counter.get_total_flops() / seq_len
+
+
+@dataclass
+class SweepRow:
+    k: int | None  # None for dense models
+    valid_bpc: float
+    test_bpc: float | None
+    active_params: int
+    flops_per_token: float
+
+
+def sweep(model: nn.Module, ks: list[int], valid: OrderedStream, test: OrderedStream | None, *, seq_len: int,
+          mem_len: int, vocab_size: int, log=print) -> list[SweepRow]:
+    """Evaluate at every k (one row for a dense model) and restore the model's k after."""
+    layers = moe_layers_of(model)
+    original_k = layers[0].top_k if layers else None
+    rows = []
+    for k in (ks if layers else [None]):
+        if k is not None:
+            set_top_k(model, k)
+        valid_bpc = evaluate(model, valid, mem_len) / LN2
+        test_bpc = evaluate(model, test, mem_len) / LN2 if test is not None else None
+        rows.append(SweepRow(k, valid_bpc, test_bpc, active_parameters(model, k),
+                             flops_per_token(model, seq_len, mem_len, vocab_size)))
+        log(format_row(rows[-1]))
+    if original_k is not None:
+        set_top_k(model, original_k)
+    return rows
+
+
+def format_header() -> str:
+    return f"{'k':>4}  {'valid BPC':>9}  {'test BPC':>8}  {'active params':>13}  {'GFLOPs/token':>12}"
+
+
+def format_row(row: SweepRow) -> str:
+    k = "-" if row.k is None else str(row.k)
+    test = "-" if row.test_bpc is None else f"{row.test_bpc:.4f}"
+    return (f"{k:>4}  {row.valid_bpc:>9.4f}  {test:>8}  {row.active_params / 1e6:>12.2f}M  "
+            f"{row.flops_per_token / 1e9:>12.4f}")
+
+
+def rows_to_json(rows: list[SweepRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def plot(rows: list[SweepRow], path, title: str) -> None:
+    """BPC against active parameters, one point per k (the paper's Figure 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = [r.active_params / 1e6 for r in rows]
+    ax.plot(x, [r.valid_bpc for r in rows], "o-", label="valid")
+    if all(r.test_bpc is not None for r in rows):
+        ax.plot(x, [r.test_bpc for r in rows], "s--", label="test")
+    for r, xi in zip(rows, x):
+        if r.k is not None:
+            ax.annotate(f"k={r.k}", (xi, r.valid_bpc), textcoords="offset points", xytext=(3, 4), fontsize=8)
+    ax.set_xlabel("active parameters (M)")
+    ax.set_ylabel("BPC")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path=None, data_dir: str | None = None,
+                 data_file: str | None = None) -> list[SweepRow]:
+    """`smoe eval`: the sweep for a run's latest checkpoint, on its own data unless told otherwise.
+
+    Experts are loaded by global id, so a run trained with any ep_size evaluates on one
+    process (ep_size 1) or on as many ranks as it was trained with."""
+    import json
+    from dataclasses import replace
+
+    from smoe.data import load_corpus
+
+    from .build import build_engine, build_model, device, init_distributed
+    from .checkpoint import latest_tag
+    from .run_dir import RunDir
+
+    rank, world = init_distributed()
+    run = RunDir(run_dir)
+    config = run.load_config()
+    if world % config.ep_size:
+        config = replace(config, ep_size=1)
+    ks = list(ks or config.eval_ks)
+    if any(not 1 <= k <= config.num_experts for k in ks):
+        raise ValueError(f"--k {','.join(map(str, ks))}: every k must be between 1 and num_experts "
+                         f"({config.num_experts})")
+    tag = latest_tag(run.checkpoints)
+    if tag is None:
+        raise ValueError(f"{run.checkpoints} holds no complete checkpoint: train (or resume) the run first")
+    if data_dir or data_file:
+        splits = load_corpus(data_dir, data_file)
+    else:
+        splits = load_corpus(config.data_dir or None, config.data_file or None)
+    engine = build_engine(config, build_model(config, rank).to(device()), world, None, training=False)
+    engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=False,
+                           load_lr_scheduler_states=False, load_module_only=True)
+    streams = [OrderedStream(split, config.eval_batch_size, config.eval_tgt_len, rank, world, name=name)
+               for name, split in (("valid", splits.valid), ("test", splits.test))]
+    say = print if rank == 0 else (lambda *_: None)
+    say(f"{run.root} ({config.method}, {tag}) on {splits.source}\n{format_header()}")
+    rows = sweep(engine.module, ks, *streams, seq_len=config.eval_tgt_len, mem_len=config.eval_mem_len,
+                 vocab_size=config.vocab_size, log=say)
+    if rank == 0:
+        if json_path:
+            report = {"run": str(run.root), "checkpoint": tag, "source": splits.source, "method": config.method,
+                      "rows": rows_to_json(rows)}
+            Path(json_path).write_text(json.dumps(report, indent=2))
+        if plot_path:
+            plot(rows, plot_path, f"{config.method} on {splits.source}")
+    return rows

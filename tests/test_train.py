@@ -1,0 +1,203 @@
+"""`smoe train` / `smoe eval` end to end on a small byte file: real DeepSpeed engine,
+real checkpoints, real TensorBoard events read back, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from smoe.launcher.cli import main
+from smoe.launcher.config import TrainConfig
+
+SMALL = ["n_layer=2", "d_model=32", "n_head=2", "d_head=16", "d_inner=64", "num_experts=4", "tgt_len=16",
+         "mem_len=16", "eval_tgt_len=16", "batch_size=4", "eval_batch_size=4", "k_min=1", "k_max=4", "k_fixed=2",
+         "eval_ks=1,2,4", "log_every=1", "eval_every=10", "eval_segments=2", "save_every=10", "warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A 40 kB byte file with structure a model can learn: repeated words in random order."""
+    generator = torch.Generator().manual_seed(0)
+    words = [b"alpha ", b"beta ", b"gamma ", b"delta ", b"<page>", b"</page>\n"]
+    picks = torch.randint(len(words), (7000,), generator=generator).tolist()
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes(b"".join(words[i] for i in picks)[:40_000])
+    return path
+
+
+def smoe(*args, check=True):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "smoe.launcher.cli", *map(str, args)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"smoe {' '.join(map(str, args))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def scalars(run_dir, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted((run_dir / "tb").rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return values
+
+
+@pytest.mark.parametrize("method", ["smoe-dropout", "random"])
+def test_resume_gives_the_same_losses_as_training_straight(corpus, tmp_path, method):
+    common = ["--preset", "tiny", "--method", method, "--data-file", corpus, *SMALL, "max_steps=20"]
+    smoe("train", "--out", tmp_path / "straight", *common)
+    smoe("train", "--out", tmp_path / "split", *common, "--stop-at", "10")
+    assert not (tmp_path / "split" / "eval.json").exists()  # stopped early: no final sweep yet
+    resumed = smoe("train", "--out", tmp_path / "split", *common, "--resume")
+    assert "resumed" in resumed.stdout and "at step 10" in resumed.stdout
+
+    straight = scalars(tmp_path / "straight", "train/loss")
+    split = scalars(tmp_path / "split", "train/loss")
+    assert sorted(straight) == list(range(1, 21)) and sorted(split) == list(range(1, 21))
+    assert [straight[s] for s in range(1, 21)] == [split[s] for s in range(1, 21)]
+    assert json.loads((tmp_path / "split" / "eval.json").read_text()) == \
+        json.loads((tmp_path / "straight" / "eval.json").read_text())
+
+
+def test_training_logs_schedule_utilisation_and_learns(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = smoe("train", "--out", out, "--preset", "tiny", "--data-file", corpus, *SMALL, "max_steps=40",
+                  "lr=3e-3", "eval_every=20", "save_every=20")
+    assert "ETA" in result.stdout and "tok/s" in result.stdout and "bpc" in result.stdout
+
+    top_k = scalars(out, "moe/top_k")
+    config = TrainConfig(**{**json.loads((out / "config.json").read_text())})
+    assert [top_k[s] for s in sorted(top_k)] == [config.k_schedule()(s - 1) for s in sorted(top_k)]
+    assert top_k[1] == 1 and top_k[40] == 4
+    for tag in ("train/bpc", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s",
+                "val/bpc", "moe/layer0/max_share", "moe/layer1/min_share", "moe/layer1/dead_experts"):
+        assert scalars(out, tag), tag
+    bpc = scalars(out, "train/bpc")
+    assert sum(bpc[s] for s in range(36, 41)) / 5 < sum(bpc[s] for s in range(1, 6)) / 5 - 1.0
+    assert sorted(scalars(out, "val/bpc")) == [20, 40]
+
+    # each expert has its own checkpoint file; only the kept checkpoints remain
+    tag = (out / "checkpoints" / "latest").read_text()
+    assert tag == "step000040"
+    assert len(list((out / "checkpoints" / tag).glob("layer_*_expert_*"))) == 2 * 4
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step000020", "step000040"]
+
+    # the sweep at the end of training, and `smoe eval` reproducing it from the checkpoint
+    report = json.loads((out / "eval.json").read_text())
+    rows = report["rows"]
+    assert [r["k"] for r in rows] == [1, 2, 4]
+    assert rows[0]["active_params"] < rows[1]["active_params"] < rows[2]["active_params"]
+    assert rows[0]["flops_per_token"] < rows[1]["flops_per_token"] < rows[2]["flops_per_token"]
+    smoe("eval", out, "--k", "1,2,4", "--json", tmp_path / "eval.json", "--plot", tmp_path / "bpc.png")
+    again = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    for a, b in zip(rows, again):
+        assert a["valid_bpc"] == pytest.approx(b["valid_bpc"], abs=1e-6)
+        assert a["test_bpc"] == pytest.approx(b["test_bpc"], abs=1e-6)
+    assert (tmp_path / "bpc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dense_run_reports_one_row(corpus, tmp_path):
+    out = tmp_path / "dense"
+    smoe("train", "--out", out, "--preset", "tiny", "--method", "dense-dropblock", "--data-file", corpus, *SMALL,
+         "max_steps=4", "dropblock_size=8")
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["k"] is None
+
+
+def test_thor_and_hash_train(corpus, tmp_path):
+    for method in ("thor", "hash"):
+        out = tmp_path / method
+        smoe("train", "--out", out, "--preset", "tiny", "--method", method, "--data-file", corpus, *SMALL,
+             "max_steps=3", "eval_ks=2")
+        assert scalars(out, "train/loss")
+    assert scalars(tmp_path / "thor", "train/consistency_loss")
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    out = tmp_path / "nan"
+    result = smoe("train", "--out", out, "--preset", "tiny", "--data-file", corpus, *SMALL, "max_steps=20",
+                  "save_every=1", "lr=1e30", "clip=0", check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert "loss is nan" in message.lower() or "loss is inf" in message.lower()
+    step = int(message.split(" at step ")[1].split()[0])
+    assert (out / "checkpoints" / "latest").read_text() == f"step{step - 1:06d}"
+    assert f"step{step - 1:06d}" in message
+
+
+def test_two_ranks_expert_parallel_with_the_deepspeed_launcher(corpus, tmp_path):
+    out = tmp_path / "ep2"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), "--module",
+                             "smoe.launcher.cli", "train", "--out", str(out), "--preset", "tiny", "--data-file",
+                             str(corpus), *SMALL, "max_steps=4", "ep_size=2", "eval_ks=1,4"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 rank(s), ep_size 2" in result.stdout
+    tag = (out / "checkpoints" / "latest").read_text()
+    assert len(list((out / "checkpoints" / tag).glob("layer_*_expert_*"))) == 2 * 4
+    assert sorted(p.name for p in (out / "checkpoints" / tag).glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+    # a 2-rank expert-parallel run evaluates on one process (experts are loaded by global id)
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    smoe("eval", out, "--k", "1,4", "--json", tmp_path / "one.json")
+    single = json.loads((tmp_path / "one.json").read_text())["rows"]
+    for a, b in zip(rows, single):
+        assert a["valid_bpc"] == pytest.approx(b["valid_bpc"], abs=1e-5)
+
+
+def _port() -> int:
+    from smoe.launcher.distributed import free_port
+
+    return free_port()
+
+
+# --- bad input: refused before anything is started or written ----------------------------------
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    code = main(list(map(str, args)))
+    return code, capsys.readouterr().err
+
+
+def test_unknown_preset_method_and_key(capsys, corpus, tmp_path):
+    code, err = run_main(capsys, "train", "--out", tmp_path / "x", "--preset", "huge", "--data-file", corpus)
+    assert code == 2 and "preset 'huge' is unknown" in err and "tiny" in err
+    code, err = run_main(capsys, "train", "--out", tmp_path / "x", "--method", "moe", "--data-file", corpus)
+    assert code == 2 and "method 'moe' is unknown" in err and "smoe-dropout" in err
+    code, err = run_main(capsys, "train", "--out", tmp_path / "x", "--data-file", corpus, "max_step=3")
+    assert code == 2 and "'max_step' does not exist" in err and "max_steps" in err
+    code, err = run_main(capsys, "train", "--out", tmp_path / "x", "--data-file", corpus, "k_max=32")
+    assert code == 2 and "k_max" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_and_too_short_data(capsys, tmp_path):
+    code, err = run_main(capsys, "train", "--out", tmp_path / "x", "--data-file", tmp_path / "nope.txt")
+    assert code == 2 and "nope.txt" in err
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x" * 3000)
+    code, err = run_main(capsys, "train", "--out", tmp_path / "x", "--data-file", short)
+    assert code == 2 and "tgt_len" in err and "batch" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_refuses_a_shape_change_and_a_new_run_refuses_an_existing_dir(capsys, corpus, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    config = TrainConfig(preset="tiny", data_file=str(corpus), d_model=64)
+    (out / "config.json").write_text(json.dumps(config.to_dict()))
+    before = (out / "config.json").read_bytes()
+    code, err = run_main(capsys, "train", "--out", out, "--data-file", corpus, "--resume", "d_model=32")
+    assert code == 2 and "d_model: saved 64, now 32" in err
+    code, err = run_main(capsys, "train", "--out", out, "--data-file", corpus)
+    assert code == 2 and "already holds a run" in err and "--resume" in err
+    assert (out / "config.json").read_bytes() == before
