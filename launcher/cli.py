@@ -1,4 +1,4 @@
-"""The `smoe` command: `smoe train`, `smoe eval` and `smoe bench layer`."""
+"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer` and `smoe bench quality`."""
 
 from __future__ import annotations
 
@@ -78,6 +78,13 @@ def _add_bench(commands) -> None:
                                description=bench_layer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_layer.add_arguments(layer)
     layer.set_defaults(run=bench_layer.run)
+    from . import bench_quality
+
+    quality = benches.add_parser("quality", help="BPC by k after training smoe-dropout, smoe-learned and dense "
+                                                 "with the same budget", description=bench_quality.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_quality.add_arguments(quality)
+    quality.set_defaults(run=bench_quality.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

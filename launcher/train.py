@@ -96,6 +96,10 @@ class Trainer:
 
     def _resume(self) -> None:
         client, self.mems = checkpoint.load(self.engine, self.paths.checkpoints, self.device)
+        if client["world_size"] != self.world:
+            raise ValueError(f"cannot resume: the checkpoint was written by {client['world_size']} ranks and this job "
+                             f"has {self.world}; resume with {client['world_size']} ranks (each rank's memory and "
+                             "RNG state is saved per rank)")
         self.step = client["step"]
         self.train_stream.load_state_dict(client["data"])
         saved_schedule = TopKSchedule.from_state_dict(client["k_schedule"])
@@ -167,7 +171,7 @@ class Trainer:
             self.final_sweep()
 
     def save(self) -> str:
-        client = {"step": self.step, "data": self.train_stream.state_dict(),
+        client = {"step": self.step, "world_size": self.world, "data": self.train_stream.state_dict(),
                   "k_schedule": self.schedule.state_dict(), "config": self.config.to_dict()}
         return checkpoint.save(self.engine, self.paths.checkpoints, self.step, client, self.mems,
                                self.config.keep_checkpoints)

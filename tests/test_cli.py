@@ -5,7 +5,8 @@ import pytest
 from smoe.launcher.cli import main
 
 
-@pytest.mark.parametrize("args", [["--help"], ["bench", "--help"], ["bench", "layer", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["eval", "--help"], ["bench", "--help"],
+                                  ["bench", "layer", "--help"], ["bench", "quality", "--help"]])
 def test_help_on_every_command(args, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(args)

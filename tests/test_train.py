@@ -201,3 +201,45 @@ def test_resume_refuses_a_shape_change_and_a_new_run_refuses_an_existing_dir(cap
     code, err = run_main(capsys, "train", "--out", out, "--data-file", corpus)
     assert code == 2 and "already holds a run" in err and "--resume" in err
     assert (out / "config.json").read_bytes() == before
+
+
+def _save_killed_midway(rank, world_size, corpus, out):
+    from smoe.launcher.config import build_config, parse_override
+    from smoe.launcher.train import Trainer
+
+    overrides = dict(parse_override(o) for o in [*SMALL, "max_steps=20", f"data_file={corpus}"])
+    trainer = Trainer(build_config("tiny", overrides), out)
+    trainer.train(stop_at=10)
+    deepspeed_save = trainer.engine.save_checkpoint
+
+    def dies_after_deepspeed_files(*args, **kwargs):
+        deepspeed_save(*args, **kwargs)
+        raise KeyboardInterrupt("killed while saving")
+
+    trainer.engine.save_checkpoint = dies_after_deepspeed_files
+    trainer.step = 12
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert (out / "checkpoints" / "step000012").is_dir()  # half written
+    assert (out / "checkpoints" / "latest").read_text() == "step000010"
+
+    resumed = Trainer(build_config("tiny", overrides), out, resume=True)
+    assert resumed.step == 10
+    resumed.train(stop_at=11)
+    assert (out / "checkpoints" / "latest").read_text() == "step000011"
+
+
+def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(corpus, tmp_path):
+    from smoe.launcher.distributed import spawn
+
+    spawn(_save_killed_midway, 1, corpus, tmp_path / "run")
+
+
+def test_bench_quality_table(corpus, tmp_path, capsys):
+    result = smoe("bench", "quality", "--data-file", corpus, "--out", tmp_path, "--methods", "smoe-dropout,dense",
+                  "--json", tmp_path / "q.json", *SMALL, "max_steps=3")
+    table = result.stdout[result.stdout.index("test BPC on corpus.txt"):]
+    assert "k=1" in table and "k=4" in table and "s/step" in table
+    results = json.loads((tmp_path / "q.json").read_text())
+    assert [r["method"] for r in results] == ["smoe-dropout", "dense"]
+    assert all(r["s_per_step"] > 0 for r in results)
