@@ -31,7 +31,7 @@ from . import checkpoint
 from .build import build_engine, build_model, device, init_distributed
 from .config import TrainConfig, check_resume_compatible
 from .run_dir import RunDir
-from .evaluate import LN2, evaluate, format_header, rows_to_json, set_top_k, sweep
+from .evaluate import LN2, evaluate, format_header, moe_layers_of, rows_to_json, set_top_k, sweep
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,6 +72,7 @@ class Trainer:
         self.engine = build_engine(config, model, self.world, self.paths.tensorboard)
         self.schedule = config.k_schedule()
         self.thor = config.method == "thor"
+        self.has_experts = bool(moe_layers_of(self.engine.module))
         self.step = 0
         self.mems = None
         if resume:
@@ -190,7 +191,9 @@ class Trainer:
                   ("train/aux_loss", window.mean("aux"), self.step),
                   ("train/lr", self.engine.get_lr()[0], self.step),
                   ("train/tokens_per_s", tokens_per_step / step_time, self.step),
-                  ("train/step_time_s", step_time, self.step), ("moe/top_k", window.last["k"], self.step)]
+                  ("train/step_time_s", step_time, self.step)]
+        if self.has_experts:
+            events.append(("moe/top_k", window.last["k"], self.step))
         if window.last["grad_norm"] is not None:
             events.append(("train/grad_norm", window.mean("grad_norm"), self.step))
         if window.last["consistency"] is not None:
@@ -202,7 +205,8 @@ class Trainer:
                        (f"moe/layer{layer}/dead_experts", int((layer_counts == 0).sum()), self.step)]
         self.engine.monitor.write_events(events)
         eta = format_duration((end - self.step) * step_time)
-        print(f"step {self.step}/{end} | loss {ce:.4f} | bpc {ce / LN2:.4f} | k {window.last['k']} | "
+        k = f"k {window.last['k']} | " if self.has_experts else ""
+        print(f"step {self.step}/{end} | loss {ce:.4f} | bpc {ce / LN2:.4f} | {k}"
               f"{tokens_per_step / step_time:,.0f} tok/s | {step_time:.3f} s/step | ETA {eta}", flush=True)
 
     def _validate(self) -> None:
@@ -211,7 +215,8 @@ class Trainer:
         loss = evaluate(self.engine.module, stream, self.config.eval_mem_len, self.config.eval_segments)
         if self.rank == 0:
             self.engine.monitor.write_events([("val/loss", loss, self.step), ("val/bpc", loss / LN2, self.step)])
-            print(f"step {self.step} | valid bpc {loss / LN2:.4f} (k={self.schedule(self.step)})", flush=True)
+            k = f" (k={self.schedule(self.step)})" if self.has_experts else ""
+            print(f"step {self.step} | valid bpc {loss / LN2:.4f}{k}", flush=True)
 
     def final_sweep(self) -> list:
         """BPC on the whole validation and test splits at every k in ``eval_ks``."""

@@ -112,6 +112,7 @@ def test_dense_run_reports_one_row(corpus, tmp_path):
          "max_steps=4", "dropblock_size=8")
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["k"] is None
+    assert scalars(out, "train/bpc") and not scalars(out, "moe/top_k")
 
 
 def test_thor_and_hash_train(corpus, tmp_path):
