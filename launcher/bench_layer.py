@@ -198,7 +198,7 @@ def format_rows(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> list[Record]:
+def run(args) -> None:
     ks = [int(k) for k in args.ks.split(",")]
     records = []
     for size in args.sizes.split(","):
@@ -216,7 +216,6 @@ def run(args) -> list[Record]:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in records], f, indent=1)
         print(f"wrote {args.json}")
-    return records
 
 
 def add_arguments(parser) -> None:

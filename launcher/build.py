@@ -13,27 +13,36 @@ from pathlib import Path
 
 import torch
 
-from smoe.model.feedforward import feedforward_factory
+from smoe.model.feedforward import feedforward_factory, get_method
 from smoe.model.parallel import init_expert_parallel, optimizer_param_groups
 from smoe.model.transformer_xl import TransformerXL
 
 from .config import TrainConfig
-from .distributed import ds_config, free_port
+from . import deepspeed_config, slurm
+from .distributed import free_port
 
 
 def init_distributed() -> tuple[int, int]:
-    """Join the job's process group (from the deepspeed launcher, torchrun, srun or mpirun
-    environment), or make a group of one for a plain ``smoe train``. Returns (rank, world)."""
+    """Join the job's process group and return (rank, world).
+
+    The ranks' environment comes from whoever started them: the deepspeed launcher or
+    torchrun (``RANK`` set), ``srun`` (``SLURM_*``, mapped by :mod:`.slurm`), ``mpirun``
+    (found through mpi4py by DeepSpeed), or nobody: a plain ``smoe train`` is a group of one.
+    """
     import deepspeed
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
     if not dist.is_initialized():
-        launched = "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ
-        if not launched:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+        mpi = any(name in os.environ for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"))
+        if "RANK" not in os.environ and not mpi:
+            if slurm.in_slurm_step(os.environ):
+                os.environ.update(slurm.rank_env(os.environ))
+            else:
+                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(free_port()))
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False,
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -48,17 +57,25 @@ def build_model(config: TrainConfig, rank: int = 0) -> TransformerXL:
     return TransformerXL(config.model_config(), feedforward_factory(config.feedforward_spec(), ep_rank, rank))
 
 
-def engine_config(config: TrainConfig, world_size: int, tensorboard_dir: Path | None) -> dict:
-    """The DeepSpeed JSON config named by ``config.ds_config`` with this run's batch and monitor."""
-    if config.batch_size % world_size:
-        raise ValueError(f"batch_size ({config.batch_size}) is not divisible by the {world_size} data-parallel "
-                         f"ranks: use a multiple of {world_size}")
-    overrides = dict(train_batch_size=config.batch_size, train_micro_batch_size_per_gpu=config.batch_size // world_size,
-                     gradient_accumulation_steps=1, gradient_clipping=0.0, steps_per_print=2**31 - 1)
+def engine_config(config: TrainConfig, world_size: int, tensorboard_dir: Path | None, training: bool = True) -> dict:
+    """The DeepSpeed JSON named by ``config.ds_config``, filled in with this run's batch layout,
+    clipping and TensorBoard monitor (written by rank 0 only). Evaluation has no training batch,
+    so it runs on any number of ranks, and it runs in fp32 on the saved (possibly bf16) weights."""
+    ds, source = deepspeed_config.load(config.ds_config)
+    deepspeed_config.check_supported(ds, source, has_experts=not get_method(config.method).dense)
+    if training:
+        layout = deepspeed_config.batch_layout(config.batch_size, config.grad_accum, world_size, ds, source)
+    else:  # fp32 weights and no optimizer: nothing for ZeRO or a mixed-precision wrapper to manage
+        layout = deepspeed_config.BatchLayout(world_size, 1, 1, world_size)
+        ds = {key: value for key, value in ds.items() if key not in ("fp16", "bf16", "zero_optimization")}
+    # A wrapped optimizer (fp16, bf16, ZeRO) clips inside DeepSpeed; a plain one is clipped by the loop,
+    # which also needs the norm for logging.
+    clip = config.clip if deepspeed_config.wraps_optimizer(ds) else 0.0
+    ds = {**ds, **layout.as_deepspeed(), "gradient_clipping": clip, "steps_per_print": 2**31 - 1}
     if tensorboard_dir is not None:
-        overrides["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir.parent),
-                                    "job_name": tensorboard_dir.name}
-    return ds_config(config.ds_config, **overrides)
+        ds["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir.parent),
+                             "job_name": tensorboard_dir.name}
+    return ds
 
 
 def cosine_with_warmup(config: TrainConfig):
@@ -80,7 +97,7 @@ def build_engine(config: TrainConfig, model: torch.nn.Module, world_size: int, t
     router left out) and the cosine schedule; without an optimizer for evaluation."""
     import deepspeed
 
-    ds = engine_config(config, world_size, tensorboard_dir)
+    ds = engine_config(config, world_size, tensorboard_dir, training)
     if not training:
         engine, *_ = deepspeed.initialize(model=model, config=ds)
         return engine

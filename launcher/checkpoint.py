@@ -5,7 +5,8 @@ Layout under ``RUN/checkpoints/``::
     step000250/             DeepSpeed's files: model states (with the training state
                             below as client state), optimizer, one file per expert
     step000250/rank0.pt     what only this rank knows: RNG states, Transformer-XL memory,
-                            the random routers' generators
+                            the random routers' generators, its optimizer's parameter
+                            names (to reshard onto another layout, see reshard.py)
     latest                  the tag of the last *complete* checkpoint
 
 ``latest`` is replaced atomically, and only after every rank has finished writing, so a
@@ -25,6 +26,10 @@ import deepspeed.comm as dist
 import numpy as np
 import torch
 from torch import nn
+
+from smoe.model.moe import ExpertDispatcher
+
+from . import reshard
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -48,7 +53,8 @@ def generators(model: nn.Module) -> dict[str, torch.Generator]:
             if isinstance(getattr(module, "generator", None), torch.Generator)}
 
 
-def rank_state(model: nn.Module, mems: list[torch.Tensor] | None) -> dict:
+def rank_state(engine, mems: list[torch.Tensor] | None) -> dict:
+    model = engine.module
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -56,6 +62,7 @@ def rank_state(model: nn.Module, mems: list[torch.Tensor] | None) -> dict:
         "numpy": np.random.get_state(),
         "generators": {name: g.get_state() for name, g in generators(model).items()},
         "mems": None if mems is None else [m.cpu() for m in mems],
+        "optimizer_params": reshard.optimizer_param_names(engine),  # to move Adam's state to another layout
     }
 
 
@@ -78,7 +85,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, mems, keep: int)
     rank = dist.get_rank()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     buffer = io.BytesIO()
-    torch.save(rank_state(engine.module, mems), buffer)
+    torch.save(rank_state(engine, mems), buffer)
     write_atomic(ckpt_dir / tag / f"rank{rank}.pt", buffer.getvalue())
     dist.barrier()  # every rank's files are on disk before `latest` moves
     if rank == 0:
@@ -90,22 +97,37 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, mems, keep: int)
     return tag
 
 
-def load(engine, ckpt_dir: Path, device: torch.device) -> tuple[dict, list | None]:
+def load(engine, ckpt_dir: Path, device: torch.device, ep_size: int, seed: int) -> tuple[dict, list | None]:
     """Load the latest complete checkpoint: DeepSpeed's states, then this rank's own state.
 
-    Returns the client state saved with it and this rank's Transformer-XL memory."""
+    On the layout it was saved with, everything is restored exactly; on another world size
+    or ep_size it is resharded (:mod:`.reshard`). Returns the client state saved with it
+    and this rank's Transformer-XL memory."""
     ckpt_dir = Path(ckpt_dir)
     tag = latest_tag(ckpt_dir)
     if tag is None:
         raise ValueError(f"no complete checkpoint in {ckpt_dir} (no 'latest' file): start without --resume")
-    rank_file = ckpt_dir / tag / f"rank{dist.get_rank()}.pt"
-    if not rank_file.is_file():
-        raise ValueError(f"{rank_file} is missing: checkpoint {tag} was written by fewer ranks than this job's "
-                         f"{dist.get_world_size()}; resume with the world size it was saved with")
+    tag_dir = ckpt_dir / tag
+    main_state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    saved_world, saved_ep_size = main_state["world_size"], main_state["config"]["ep_size"]
+    rank_files = [tag_dir / f"rank{r}.pt" for r in range(saved_world)]
+    missing = [f.name for f in rank_files if not f.is_file()]
+    moe_layers = [m for m in engine.module.modules() if isinstance(m, ExpertDispatcher)]
+    if moe_layers:
+        missing += reshard.expert_files_missing(tag_dir, len(moe_layers), moe_layers[0].num_experts)
+    if missing:
+        raise ValueError(f"checkpoint {tag_dir} is incomplete or holds other experts: {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''} missing. Point 'latest' at a complete step "
+                         "directory, or start a new run")
+    if (saved_world, saved_ep_size) != (dist.get_world_size(), ep_size):
+        rank_states = [torch.load(f, map_location="cpu", weights_only=False) for f in rank_files]
+        mems, notes = reshard.load_resharded(engine, tag_dir, main_state, rank_states, device, ep_size, seed)
+        if dist.get_rank() == 0:
+            print("note: " + "; ".join(notes), flush=True)
+        return main_state, mems
     load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if load_path is None:
-        raise ValueError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}: it is incomplete or corrupt; "
+        raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}: it is incomplete or corrupt; "
                          f"point 'latest' at an older step directory or start a new run")
-    state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    state = torch.load(rank_files[dist.get_rank()], map_location="cpu", weights_only=False)
     return client_state, restore_rank_state(engine.module, state, device)
-

@@ -1,4 +1,4 @@
-"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer` and `smoe bench quality`."""
+"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality` and `smoe ckpt consolidate`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+# `smoe train` stopped by SIGUSR1/SIGTERM after saving a checkpoint: "try again" (sysexits EX_TEMPFAIL);
+# the slurm/ scripts requeue the job on it.
+EXIT_STOPPED_BY_SIGNAL = 75
 
 
 def _add_train(commands) -> None:
@@ -23,7 +27,10 @@ def _add_train(commands) -> None:
     parser.add_argument("--data-dir", help="directory holding enwik8 or enwik8.zip (downloaded when absent)")
     parser.add_argument("--data-file", help="any raw file, split 90/5/5 by bytes, one token per byte")
     parser.add_argument("--out", required=True, help="run directory (config, checkpoints, tb/, eval.json)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    resume.add_argument("--auto-resume", action="store_true",
+                        help="resume when --out holds a checkpoint, start otherwise (batch jobs that requeue)")
     parser.add_argument("--stop-at", type=int, help="stop (with a checkpoint) at this step; schedules still plan "
                                                    "for max_steps")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -32,7 +39,9 @@ def _add_train(commands) -> None:
 
 
 def _run_train(args) -> None:
+    from .checkpoint import latest_tag
     from .config import build_config, parse_override
+    from .run_dir import RunDir
     from .train import Trainer
 
     overrides = dict(parse_override(text) for text in args.overrides)
@@ -43,7 +52,11 @@ def _run_train(args) -> None:
     if args.data_file:
         overrides["data_file"] = str(Path(args.data_file).resolve())
     config = build_config(args.preset, overrides)
-    Trainer(config, Path(args.out), resume=args.resume).train(stop_at=args.stop_at)
+    out = Path(args.out)
+    resume = args.resume or (args.auto_resume and latest_tag(RunDir(out).checkpoints) is not None)
+    trainer = Trainer(config, out, resume=resume, fresh_ok=args.auto_resume)
+    trainer.train(stop_at=args.stop_at)
+    return EXIT_STOPPED_BY_SIGNAL if trainer.stopped_by_signal else 0
 
 
 def _add_eval(commands) -> None:
@@ -87,6 +100,25 @@ def _add_bench(commands) -> None:
     quality.set_defaults(run=bench_quality.run)
 
 
+def _add_ckpt(commands) -> None:
+    from . import consolidate
+
+    ckpt = commands.add_parser("ckpt", help="checkpoint tools", description="Checkpoint tools.")
+    tools = ckpt.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    parser = tools.add_parser("consolidate", help="one portable safetensors file from a run of any ep_size",
+                              description=consolidate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="the --out directory of a `smoe train` run (its latest checkpoint is used)")
+    parser.add_argument("out", help="the file to write, e.g. model.safetensors")
+    parser.set_defaults(run=_run_consolidate)
+
+
+def _run_consolidate(args) -> None:
+    from .consolidate import consolidate
+
+    out = consolidate(Path(args.run_dir), Path(args.out))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="SMoE-Dropout transformers on DeepSpeed.")
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment is what is used.
@@ -95,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_bench(commands)
+    _add_ckpt(commands)
     return parser
 
 
@@ -105,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported and probes for one
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        code = args.run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"smoe: error: {error}", file=sys.stderr)
         return 2
@@ -116,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"smoe: error: {error}", file=sys.stderr)
         return 3
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

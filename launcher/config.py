@@ -18,8 +18,9 @@ from smoe.model.transformer_xl import TransformerXLConfig
 from smoe.routing import TopKSchedule
 
 # Fields that fix the shapes of the saved tensors: a resume must not change them.
+# (ep_size may change: the checkpoint is resharded.)
 SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "num_experts", "method", "moe_layers",
-                "vocab_size", "ep_size")
+                "vocab_size")
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TrainConfig:
     dispatch: str = "auto"
     # optimisation
     batch_size: int = 22  # global, over all data-parallel ranks
+    grad_accum: int = 1  # micro-batches per optimizer step: batch_size = micro x grad_accum x ranks
     eval_batch_size: int = 10
     max_steps: int = 400_000
     lr: float = 2.5e-4
@@ -76,7 +78,7 @@ class TrainConfig:
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
         method = get_method(self.method)
         positive = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "tgt_len", "eval_tgt_len", "num_experts",
-                    "batch_size", "eval_batch_size", "max_steps", "log_every", "eval_every", "save_every",
+                    "batch_size", "grad_accum", "eval_batch_size", "max_steps", "log_every", "eval_every", "save_every",
                     "keep_checkpoints", "ep_size", "vocab_size")
         for name in positive:
             if getattr(self, name) < 1:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 
@@ -37,13 +36,3 @@ def spawn(fn, world_size: int, *args) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
 
-
-def ds_config(name: str, **overrides) -> dict:
-    """A DeepSpeed JSON config from ``ds_configs/`` with top-level keys overridden."""
-    from importlib.resources import files
-
-    path = files("smoe") / "ds_configs" / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"DeepSpeed config '{name}' not found in {path.parent}: use one of "
-                         f"{', '.join(sorted(p.name[:-5] for p in path.parent.iterdir() if p.name.endswith('.json')))}")
-    return {**json.loads(path.read_text()), **overrides}

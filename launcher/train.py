@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from smoe.data import OrderedStream, check_fits, load_corpus
 from smoe.routing import TopKSchedule
 from smoe.model.transformer_xl import lm_loss
 
-from . import checkpoint
+from . import checkpoint, deepspeed_config
 from .build import build_engine, build_model, device, init_distributed
 from .config import TrainConfig, check_resume_compatible
 from .run_dir import RunDir
@@ -55,10 +56,12 @@ def format_duration(seconds: float) -> str:
 class Trainer:
     """The loop and its state: engine, streams, schedule, step, Transformer-XL memory."""
 
-    def __init__(self, config: TrainConfig, out_dir: Path, resume: bool = False):
+    def __init__(self, config: TrainConfig, out_dir: Path, resume: bool = False, fresh_ok: bool = False):
+        """``fresh_ok``: starting over in a run directory that has no checkpoint yet is allowed
+        (a batch job killed before its first save)."""
         # Everything that can be refused is checked before any process group or file exists.
         self.paths = RunDir(Path(out_dir))
-        self.config = self._check_run_dir(config, resume)
+        self.config = self._check_run_dir(config, resume, fresh_ok)
         self.splits = load_corpus(config.data_dir or None, config.data_file or None)
         for split, tokens, batch, seq in (("train", self.splits.train, config.batch_size, config.tgt_len),
                                           ("valid", self.splits.valid, config.eval_batch_size, config.eval_tgt_len),
@@ -73,16 +76,19 @@ class Trainer:
         self.schedule = config.k_schedule()
         self.thor = config.method == "thor"
         self.has_experts = bool(moe_layers_of(self.engine.module))
+        self.optimizer_wrapped = deepspeed_config.wraps_optimizer(self.engine.config)
+        self._signal: int | None = None  # set by a stop signal (Slurm's warning before preemption)
+        self.stopped_by_signal: str | None = None
         self.step = 0
         self.mems = None
         if resume:
             self._resume()
-        elif self.rank == 0:
+        if self.rank == 0:  # the config in effect (a resume may change ep_size and non-shape fields)
             self.paths.root.mkdir(parents=True, exist_ok=True)
             checkpoint.write_atomic(self.paths.config, json.dumps(config.to_dict(), indent=2).encode())
 
     # --- set-up -------------------------------------------------------------------------------
-    def _check_run_dir(self, config: TrainConfig, resume: bool) -> TrainConfig:
+    def _check_run_dir(self, config: TrainConfig, resume: bool, fresh_ok: bool) -> TrainConfig:
         has_run = self.paths.config.is_file()
         if resume:
             if not has_run:
@@ -90,17 +96,14 @@ class Trainer:
                                  "drop --resume to start one")
             saved = self.paths.load_config()
             check_resume_compatible(saved, config)
-        elif has_run:
+        elif has_run and not fresh_ok:
             raise ValueError(f"{self.paths.root} already holds a run: pass --resume to continue it, or choose "
                              "another --out (nothing was overwritten)")
         return config
 
     def _resume(self) -> None:
-        client, self.mems = checkpoint.load(self.engine, self.paths.checkpoints, self.device)
-        if client["world_size"] != self.world:
-            raise ValueError(f"cannot resume: the checkpoint was written by {client['world_size']} ranks and this job "
-                             f"has {self.world}; resume with {client['world_size']} ranks (each rank's memory and "
-                             "RNG state is saved per rank)")
+        client, self.mems = checkpoint.load(self.engine, self.paths.checkpoints, self.device, self.config.ep_size,
+                                            self.config.seed)
         self.step = client["step"]
         self.train_stream.load_state_dict(client["data"])
         saved_schedule = TopKSchedule.from_state_dict(client["k_schedule"])
@@ -111,18 +114,23 @@ class Trainer:
             print(f"resumed {self.paths.root} at step {self.step} (k={self.schedule(self.step)})", flush=True)
 
     # --- one step ----------------------------------------------------------------------------
-    def _losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.engine(inputs, self.mems)
+    def _losses(self, inputs: torch.Tensor, targets: torch.Tensor, mems) -> tuple[dict[str, torch.Tensor], list]:
+        out = self.engine(inputs, mems)
         ce, aux = lm_loss(out.logits, targets), out.aux_loss
         losses = {"ce": ce, "aux": aux, "counts": out.expert_counts}
         if self.thor:
-            second = self.engine(inputs, self.mems)
+            second = self.engine(inputs, mems)
             ce = (ce + lm_loss(second.logits, targets)) / 2
             aux = (aux + second.aux_loss) / 2
             losses.update(ce=ce, aux=aux, consistency=symmetric_kl(out.logits, second.logits))
         losses["total"] = ce + aux + self.config.consistency_coef * losses.get("consistency", 0.0)
-        self.mems = out.mems
-        return losses
+        return losses, out.mems
+
+    def _micro_batches(self, segment):
+        """This rank's rows of the segment cut into ``grad_accum`` micro-batches, each with its rows' memory."""
+        accum = self.config.grad_accum
+        mems = [None] * accum if self.mems is None else list(zip(*(m.chunk(accum) for m in self.mems)))
+        return zip(segment.inputs.chunk(accum), segment.targets.chunk(accum), mems)
 
     def train_step(self) -> dict:
         k = self.schedule(self.step)
@@ -130,26 +138,45 @@ class Trainer:
         segment = self.train_stream.next_segment()
         if segment.new_epoch:
             self.mems = None
-        losses = self._losses(segment.inputs.to(self.device), segment.targets.to(self.device))
-        # The same reduced value on every rank, so a NaN stops all of them at the same step.
-        reduced = torch.stack([losses["ce"].detach().float(), losses["aux"].detach().float()])
+        sums = torch.zeros(3)  # ce, aux, THOR consistency: summed over micro-batches
+        counts, new_mems = None, []
+        for micro, (inputs, targets, mems) in enumerate(self._micro_batches(segment)):
+            if micro:
+                self.engine.step()  # DeepSpeed counts micro-steps and updates only at the last one
+            losses, mems = self._losses(inputs.to(self.device), targets.to(self.device), mems)
+            self.engine.backward(losses["total"])
+            sums += torch.stack([losses[key].detach().float().cpu() if key in losses else torch.tensor(0.0)
+                                 for key in ("ce", "aux", "consistency")])
+            layer_counts = [c for c in losses["counts"] if c is not None]
+            counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
+            new_mems.append(mems)
+        self.mems = [torch.cat(layer, dim=0) for layer in zip(*new_mems)]
+        # The same reduced values on every rank, so that all of them stop at the same step on a NaN
+        # or on a signal that reached any one of them.
+        reduced = torch.cat([sums / self.config.grad_accum, torch.tensor([float(self._signal is not None)])])
+        reduced = reduced.to(self.device)
         dist.all_reduce(reduced)
-        reduced /= self.world
-        if not torch.isfinite(reduced).all():
+        ce, aux, consistency = (reduced[:3] / self.world).tolist()
+        if not math.isfinite(ce) or not math.isfinite(aux):
             tag = checkpoint.latest_tag(self.paths.checkpoints)
-            raise TrainingDiverged(f"loss is {reduced[0].item()} at step {self.step + 1} (k={k}): training stopped. "
+            raise TrainingDiverged(f"loss is {ce} at step {self.step + 1} (k={k}): training stopped. "
                                    f"The last good checkpoint is {tag or 'none'} in {self.paths.checkpoints}; "
                                    "lower lr or clip and continue with --resume")
-        self.engine.backward(losses["total"])
-        grad_norm = clip_grad_norm_(self.engine.module.parameters(), self.config.clip) if self.config.clip else None
+        clip_here = self.config.clip and not self.optimizer_wrapped
+        grad_norm = clip_grad_norm_(self.engine.module.parameters(), self.config.clip) if clip_here else None
         self.engine.step()
+        if self.optimizer_wrapped:
+            grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
-        return {"k": k, "ce": reduced[0].item(), "aux": reduced[1].item(), "counts": losses["counts"],
+        return {"k": k, "ce": ce, "aux": aux, "counts": counts, "stop": reduced[3].item() > 0,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                "consistency": float(losses["consistency"]) if "consistency" in losses else None}
+                "consistency": consistency if self.thor else None}
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> None:
+        """Train to ``stop_at`` (default ``max_steps``). SIGUSR1 or SIGTERM (Slurm sends one before a
+        time limit or preemption) ends the current step, saves a checkpoint and returns with
+        ``stopped_by_signal`` set, so that the job can requeue itself and resume exactly there."""
         config = self.config
         end = min(stop_at or config.max_steps, config.max_steps)
         tokens_per_step = config.batch_size * config.tgt_len
@@ -157,17 +184,24 @@ class Trainer:
         if self.rank == 0:
             print(f"training {config.method} ({config.preset}) on {self.splits.source}: steps {self.step}->{end}, "
                   f"{self.world} rank(s), ep_size {config.ep_size}, {tokens_per_step:,} tokens/step", flush=True)
-        while self.step < end:
-            started = time.perf_counter()
-            stats = self.train_step()
-            window.add(stats, time.perf_counter() - started)
-            if self.step % config.log_every == 0 or self.step == end:
-                self._log(window, tokens_per_step, end)
-                window = _Window()
-            if self.step % config.eval_every == 0 or self.step == config.max_steps:
-                self._validate()
-            if self.step % config.save_every == 0 or self.step == end:
-                self.save()
+        with _StopSignals(self):
+            while self.step < end:
+                started = time.perf_counter()
+                stats = self.train_step()
+                window.add(stats, time.perf_counter() - started)
+                if self.step % config.log_every == 0 or self.step == end or stats["stop"]:
+                    self._log(window, tokens_per_step, end)
+                    window = _Window()
+                if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                    self._validate()
+                if self.step % config.save_every == 0 or self.step == end or stats["stop"]:
+                    tag = self.save()
+                if stats["stop"]:
+                    self.stopped_by_signal = signal.Signals(self._signal).name if self._signal else "a peer rank"
+                    if self.rank == 0:
+                        print(f"stopped by {self.stopped_by_signal} after step {self.step}: checkpoint {tag} saved; "
+                              "continue with --resume (the slurm/ scripts requeue and resume)", flush=True)
+                    return
         if self.step == config.max_steps:
             self.final_sweep()
 
@@ -178,6 +212,11 @@ class Trainer:
                                self.config.keep_checkpoints)
 
     def _log(self, window: "_Window", tokens_per_step: int, end: int) -> None:
+        """Rank 0 prints and writes TensorBoard events: losses are already averaged over ranks, and
+        tokens/s is the sum of every rank's own rate."""
+        local_tokens = tokens_per_step // self.world * window.steps
+        tokens_per_s = torch.tensor([local_tokens / window.seconds], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tokens_per_s)
         counts = window.counts
         if counts is not None:
             counts = counts.to(self.device)
@@ -186,11 +225,12 @@ class Trainer:
         if self.rank != 0:
             return
         ce = window.mean("ce")
+        tokens_per_s = tokens_per_s.item()
         step_time = window.seconds / window.steps
         events = [("train/loss", ce, self.step), ("train/bpc", ce / LN2, self.step),
                   ("train/aux_loss", window.mean("aux"), self.step),
                   ("train/lr", self.engine.get_lr()[0], self.step),
-                  ("train/tokens_per_s", tokens_per_step / step_time, self.step),
+                  ("train/tokens_per_s", tokens_per_s, self.step),
                   ("train/step_time_s", step_time, self.step)]
         if self.has_experts:
             events.append(("moe/top_k", window.last["k"], self.step))
@@ -207,7 +247,7 @@ class Trainer:
         eta = format_duration((end - self.step) * step_time)
         k = f"k {window.last['k']} | " if self.has_experts else ""
         print(f"step {self.step}/{end} | loss {ce:.4f} | bpc {ce / LN2:.4f} | {k}"
-              f"{tokens_per_step / step_time:,.0f} tok/s | {step_time:.3f} s/step | ETA {eta}", flush=True)
+              f"{tokens_per_s:,.0f} tok/s | {step_time:.3f} s/step | ETA {eta}", flush=True)
 
     def _validate(self) -> None:
         stream = OrderedStream(self.splits.valid, self.config.eval_batch_size, self.config.eval_tgt_len,
@@ -231,6 +271,27 @@ class Trainer:
             report = {"source": self.splits.source, "step": self.step, "method": config.method, "rows": rows_to_json(rows)}
             checkpoint.write_atomic(self.paths.eval, json.dumps(report, indent=2).encode())
         return rows
+
+
+class _StopSignals:
+    """While training, SIGUSR1 and SIGTERM ask for a checkpoint and a clean stop instead of killing."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.trainer._signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 class _Window:

@@ -1,4 +1,33 @@
 import os
+import shutil
 
 # DeepSpeed picks its accelerator at import time; tests run on CPU ranks joined by gloo.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A 40 kB byte file with structure a model can learn: repeated words in random order."""
+    generator = torch.Generator().manual_seed(0)
+    words = [b"alpha ", b"beta ", b"gamma ", b"delta ", b"<page>", b"</page>\n"]
+    picks = torch.randint(len(words), (7000,), generator=generator).tolist()
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_bytes(b"".join(words[i] for i in picks)[:40_000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def layout_runs(corpus, tmp_path_factory):
+    """The small deterministic model on two layouts: 2 expert-parallel ranks stopped at step 6
+    (``ep2``), one process at step 6 (``ep1-at-6``) and continued to step 8 (``ep1``)."""
+    from runs import train
+
+    root = tmp_path_factory.mktemp("layouts")
+    train(root / "ep2", corpus, "ep_size=2", "--stop-at", "6", ranks=2)
+    train(root / "ep1", corpus, "--stop-at", "6")
+    shutil.copytree(root / "ep1", root / "ep1-at-6")
+    train(root / "ep1", corpus, "--resume")
+    return root

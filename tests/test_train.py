@@ -4,52 +4,13 @@ real checkpoints, real TensorBoard events read back, real processes."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-import torch
 
 from smoe.launcher.cli import main
 from smoe.launcher.config import TrainConfig
 
-SMALL = ["n_layer=2", "d_model=32", "n_head=2", "d_head=16", "d_inner=64", "num_experts=4", "tgt_len=16",
-         "mem_len=16", "eval_tgt_len=16", "batch_size=4", "eval_batch_size=4", "k_min=1", "k_max=4", "k_fixed=2",
-         "eval_ks=1,2,4", "log_every=1", "eval_every=10", "eval_segments=2", "save_every=10", "warmup_steps=2"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A 40 kB byte file with structure a model can learn: repeated words in random order."""
-    generator = torch.Generator().manual_seed(0)
-    words = [b"alpha ", b"beta ", b"gamma ", b"delta ", b"<page>", b"</page>\n"]
-    picks = torch.randint(len(words), (7000,), generator=generator).tolist()
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(b"".join(words[i] for i in picks)[:40_000])
-    return path
-
-
-def smoe(*args, check=True):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "smoe.launcher.cli", *map(str, args)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"smoe {' '.join(map(str, args))} failed ({result.returncode}):\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
-def scalars(run_dir, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for events in sorted((run_dir / "tb").rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return values
+from runs import SMALL, scalars, smoe
 
 
 @pytest.mark.parametrize("method", ["smoe-dropout", "random"])
@@ -134,32 +95,6 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(corpus, tmp_path)
     step = int(message.split(" at step ")[1].split()[0])
     assert (out / "checkpoints" / "latest").read_text() == f"step{step - 1:06d}"
     assert f"step{step - 1:06d}" in message
-
-
-def test_two_ranks_expert_parallel_with_the_deepspeed_launcher(corpus, tmp_path):
-    out = tmp_path / "ep2"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), "--module",
-                             "smoe.launcher.cli", "train", "--out", str(out), "--preset", "tiny", "--data-file",
-                             str(corpus), *SMALL, "max_steps=4", "ep_size=2", "eval_ks=1,4"],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 rank(s), ep_size 2" in result.stdout
-    tag = (out / "checkpoints" / "latest").read_text()
-    assert len(list((out / "checkpoints" / tag).glob("layer_*_expert_*"))) == 2 * 4
-    assert sorted(p.name for p in (out / "checkpoints" / tag).glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
-    # a 2-rank expert-parallel run evaluates on one process (experts are loaded by global id)
-    rows = json.loads((out / "eval.json").read_text())["rows"]
-    smoe("eval", out, "--k", "1,4", "--json", tmp_path / "one.json")
-    single = json.loads((tmp_path / "one.json").read_text())["rows"]
-    for a, b in zip(rows, single):
-        assert a["valid_bpc"] == pytest.approx(b["valid_bpc"], abs=1e-5)
-
-
-def _port() -> int:
-    from smoe.launcher.distributed import free_port
-
-    return free_port()
 
 
 # --- bad input: refused before anything is started or written ----------------------------------

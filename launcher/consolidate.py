@@ -1,0 +1,76 @@
+"""`smoe ckpt consolidate RUN OUT.safetensors`: one portable file from a run of any ep_size.
+
+DeepSpeed's checkpoint is a directory: the shared weights in one file and each expert
+in its own, named by global id. The consolidated file holds every tensor under its
+ep_size 1 name (the names of a model built on one process), with the run's config as
+JSON in the safetensors metadata, so it loads without DeepSpeed, ranks or the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from smoe.model.transformer_xl import TransformerXL
+
+from .checkpoint import latest_tag
+from .config import TrainConfig
+from .run_dir import RunDir
+
+CONFIG_KEY = "smoe_config"
+
+
+def full_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The shared weights and every expert of one DeepSpeed checkpoint, by their ep_size 1 names."""
+    state = dict(torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"])
+    for expert_file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        state.update(torch.load(expert_file, map_location="cpu", weights_only=False))
+    return state
+
+
+def build_single_process_model(config: TrainConfig) -> TransformerXL:
+    from .build import build_model
+
+    return build_model(replace(config, ep_size=1))
+
+
+def consolidate(run_dir: Path, out: Path) -> Path:
+    run = RunDir(Path(run_dir))
+    config = replace(run.load_config(), ep_size=1)
+    tag = latest_tag(run.checkpoints)
+    if tag is None:
+        raise ValueError(f"{run.checkpoints} holds no complete checkpoint: train (or resume) the run first")
+    state = full_state_dict(run.checkpoints / tag)
+    model = build_single_process_model(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {run.checkpoints / tag} does not fit the run's config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}): is config.json from another run?")
+    # Tied tensors (input and output embeddings) are stored once each: safetensors refuses shared storage.
+    tensors = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(config.to_dict()), "checkpoint": tag,
+                                           "run": str(run.root)})
+    tmp.replace(out)
+    return out
+
+
+def load_consolidated(path: Path) -> tuple[TrainConfig, TransformerXL]:
+    """The config and the model (on CPU, eval mode) from a consolidated file."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if CONFIG_KEY not in metadata:
+            raise ValueError(f"{path} is not a consolidated smoe model (no '{CONFIG_KEY}' metadata): "
+                             "make one with `smoe ckpt consolidate RUN OUT`")
+        config = TrainConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        state = {name: f.get_tensor(name) for name in f.keys()}
+    model = build_single_process_model(config)
+    model.load_state_dict(state)
+    return config, model.eval()

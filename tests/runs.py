@@ -1,0 +1,53 @@
+"""Helpers for end-to-end tests: a small model's overrides, `smoe` in a subprocess, events read back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from smoe.launcher.distributed import free_port
+
+SMALL = ["n_layer=2", "d_model=32", "n_head=2", "d_head=16", "d_inner=64", "num_experts=4", "tgt_len=16",
+         "mem_len=16", "eval_tgt_len=16", "batch_size=4", "eval_batch_size=4", "k_min=1", "k_max=4", "k_fixed=2",
+         "eval_ks=1,2,4", "log_every=1", "eval_every=10", "eval_segments=2", "save_every=10", "warmup_steps=2"]
+
+CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def run(command: list, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(map(str, command)), env={**os.environ, **CPU_ENV}, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, command))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def smoe(*args, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "smoe.launcher.cli", *args], check=check)
+
+
+def scalars(run_dir, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted((run_dir / "tb").rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return values
+
+
+# Dropout off: runs on different layouts must then agree to float rounding.
+DETERMINISTIC = [*SMALL, "max_steps=8", "dropout=0", "save_every=100", "eval_every=100"]
+
+
+def train(out, corpus, *args, ranks: int = 1) -> subprocess.CompletedProcess:
+    """`smoe train` of the small deterministic model, on one process or `ranks` started by DeepSpeed's launcher."""
+    command = ["train", "--out", out, "--data-file", corpus, *DETERMINISTIC, *args]
+    if ranks == 1:
+        return smoe(*command)
+    return run(["deepspeed", "--num_gpus", ranks, "--master_port", free_port(), "--module", "smoe.launcher.cli",
+                *command])
