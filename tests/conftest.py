@@ -7,6 +7,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
+pytest_plugins = ["slurm_cluster"]  # the `slurm` fixture: a real one-node Slurm on localhost
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):

@@ -6,7 +6,8 @@ from smoe.launcher.cli import main
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["eval", "--help"], ["bench", "--help"],
-                                  ["bench", "layer", "--help"], ["bench", "quality", "--help"]])
+                                  ["bench", "layer", "--help"], ["bench", "quality", "--help"],
+                                  ["ckpt", "consolidate", "--help"]])
 def test_help_on_every_command(args, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(args)
