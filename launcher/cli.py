@@ -1,4 +1,4 @@
-"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality` and `smoe ckpt consolidate`."""
+"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality`, `smoe ckpt consolidate`, `smoe convert`."""
 
 from __future__ import annotations
 
@@ -119,6 +119,15 @@ def _run_consolidate(args) -> None:
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
+def _add_convert(commands) -> None:
+    from . import convert
+
+    parser = commands.add_parser("convert", help="a dense BERT/RoBERTa checkpoint split into experts",
+                                 description=convert.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert.add_arguments(parser)
+    parser.set_defaults(run=convert.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="SMoE-Dropout transformers on DeepSpeed.")
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment is what is used.
@@ -128,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_bench(commands)
     _add_ckpt(commands)
+    _add_convert(commands)
     return parser
 
 

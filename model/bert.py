@@ -1,0 +1,180 @@
+"""BERT and RoBERTa masked-LM models from `transformers`, with our feed-forward blocks.
+
+Everything but the feed-forward block is transformers' own module. In each layer,
+``intermediate`` (dense d -> d_ff + GELU) and ``output.dense`` (d_ff -> d) become one
+block from :func:`~smoe.model.feedforward.feedforward_factory` (experts behind a router,
+or a dense baseline), while the layer's own dropout, residual and LayerNorm stay where
+``BertOutput`` has them: ``LayerNorm(dropout(ffn(x)) + x)``.
+
+The classes are transformers citizens: ``SMoEBertConfig`` is a ``BertConfig`` with our
+fields (method, N, k, ...), so ``save_pretrained`` / ``from_pretrained`` round-trip,
+and the models take and return what ``BertForMaskedLM`` does. The layers' auxiliary
+losses and expert counts are read after a forward with :func:`aux_loss` and
+:func:`expert_counts`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PreTrainedConfig,
+                          RobertaConfig, RobertaForMaskedLM)
+
+from .feedforward import FeedForwardSpec, feedforward_factory, get_method
+from .mlp import MLP, modularize
+
+class ExpertFeedForward(nn.Module):
+    """A layer's feed-forward sublayer around any block: ``LayerNorm(dropout(block(x)) + x)``.
+
+    Takes the place of ``BertOutput`` (whose dropout and LayerNorm it keeps); the layer's
+    ``intermediate`` becomes the identity, so ``output(intermediate(x), x)`` lands here."""
+
+    def __init__(self, block: nn.Module, original_output: nn.Module):
+        super().__init__()
+        self.block = block
+        self.dropout = original_output.dropout
+        self.LayerNorm = original_output.LayerNorm
+        self.token_ids: torch.Tensor | None = None  # set before each forward, for the hash router
+        self.aux_loss: torch.Tensor | float = 0.0
+        self.expert_counts: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        y, self.aux_loss, self.expert_counts = self.block(hidden_states, self.token_ids)
+        return self.LayerNorm(self.dropout(y) + input_tensor)
+
+
+def _spec(config) -> FeedForwardSpec:
+    method = get_method(config.method)
+    # BERT has no dropout inside its MLP; a dense regulariser (Concrete, DropBlock) takes that place.
+    hidden_dropout = config.hidden_dropout_prob if method.dense and method.regularizer != "dropout" else 0.0
+    return FeedForwardSpec(config.method, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                           config.moe_layers, config.num_experts, config.top_k, activation="gelu",
+                           dropout=hidden_dropout, balance_coef=config.balance_coef, z_loss_coef=config.z_loss_coef,
+                           dropblock_size=config.dropblock_size, vocab_size=config.vocab_size,
+                           ep_size=config.ep_size, dispatch=config.dispatch, seed=config.router_seed,
+                           init_std=config.initializer_range)
+
+
+def install_feedforward(model: nn.Module, ep_rank: int = 0, rank: int = 0) -> None:
+    """Replace every layer's intermediate + output with an :class:`ExpertFeedForward`."""
+    make_ffn = feedforward_factory(_spec(model.config), ep_rank, rank)
+    for index, layer in enumerate(model.base_model.encoder.layer):
+        layer.output = ExpertFeedForward(make_ffn(index), layer.output)
+        layer.intermediate = nn.Identity()
+    model.register_forward_pre_hook(_share_token_ids, with_kwargs=True)
+
+
+def _share_token_ids(model, args, kwargs):
+    token_ids = kwargs.get("input_ids", args[0] if args else None)
+    for module in feedforward_modules(model):
+        module.token_ids = token_ids
+
+
+def feedforward_modules(model: nn.Module) -> list[ExpertFeedForward]:
+    return [m for m in model.modules() if isinstance(m, ExpertFeedForward)]
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """The sum of the layers' auxiliary losses from the last forward (balance loss, Concrete's regulariser)."""
+    return sum((m.aux_loss for m in feedforward_modules(model)), 0.0)
+
+
+def expert_counts(model: nn.Module) -> list[torch.Tensor | None]:
+    return [m.expert_counts for m in feedforward_modules(model)]
+
+
+class SMoEFields(PreTrainedConfig):
+    """Our fields, shared by both configs (transformers makes every config class a dataclass)."""
+
+    method: str = "smoe-dropout"  # smoe.model.feedforward.METHODS
+    num_experts: int = 16
+    top_k: int = 1  # k at load time; training sets it by the schedule, inference by choice
+    moe_layers: str = "all"
+    ep_size: int = 1
+    balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    dropblock_size: int = 64
+    dispatch: str = "auto"
+    router_seed: int = 0  # routers and experts are drawn from it: the same on every rank
+
+
+class SMoEBertConfig(SMoEFields, BertConfig):
+    model_type = "smoe-bert"
+
+
+class SMoERobertaConfig(SMoEFields, RobertaConfig):
+    model_type = "smoe-roberta"
+
+
+class SMoEBertForMaskedLM(BertForMaskedLM):
+    config_class = SMoEBertConfig
+
+    def __init__(self, config: SMoEBertConfig, ep_rank: int = 0, rank: int = 0):
+        super().__init__(config)
+        install_feedforward(self, ep_rank, rank)  # after transformers' init, which would redraw the routers
+
+
+class SMoERobertaForMaskedLM(RobertaForMaskedLM):
+    config_class = SMoERobertaConfig
+
+    def __init__(self, config: SMoERobertaConfig, ep_rank: int = 0, rank: int = 0):
+        super().__init__(config)
+        install_feedforward(self, ep_rank, rank)
+
+
+MODELS = {"bert": (SMoEBertConfig, SMoEBertForMaskedLM), "roberta": (SMoERobertaConfig, SMoERobertaForMaskedLM)}
+for _config_class, _model_class in MODELS.values():
+    AutoConfig.register(_config_class.model_type, _config_class)
+    AutoModelForMaskedLM.register(_config_class, _model_class)
+
+
+def dense_mlp(layer: nn.Module) -> MLP:
+    """A transformers layer's intermediate + output.dense as our MLP (same weights)."""
+    fc1, fc2 = layer.intermediate.dense, layer.output.dense
+    mlp = MLP(fc1.in_features, fc1.out_features, "gelu")
+    mlp.load_state_dict({"fc1.weight": fc1.weight, "fc1.bias": fc1.bias, "fc2.weight": fc2.weight,
+                         "fc2.bias": fc2.bias})
+    return mlp
+
+
+def weighted_experts(mlp: MLP, num_experts: int) -> list[MLP]:
+    """:func:`modularize` with each expert's output scaled by N.
+
+    The router's weights sum to one over the chosen experts, and the N slices of a dense
+    MLP sum to it: scaled by N, equal weights at k = N give back the dense MLP exactly,
+    and k < N keeps the output's scale, as inverted dropout does."""
+    experts = modularize(mlp, num_experts)
+    with torch.no_grad():
+        for expert in experts:
+            expert.fc2.weight.mul_(num_experts)
+            expert.fc2.bias.mul_(num_experts)
+    return experts
+
+
+def from_dense(dense: nn.Module, family: str, **fields) -> nn.Module:
+    """An SMoE model initialised from a dense BERT/RoBERTa masked-LM: every weight copied,
+    each selected layer's MLP split into experts with :func:`weighted_experts`."""
+    config_class, model_class = MODELS[family]
+    values = {**dense.config.to_dict(), **fields}
+    values.pop("model_type", None)
+    config = config_class(**values)
+    if config.intermediate_size % config.num_experts:
+        raise ValueError(f"the dense model's intermediate_size ({config.intermediate_size}) is not divisible by "
+                         f"num_experts ({config.num_experts}): pick num_experts dividing {config.intermediate_size}")
+    model = model_class(config)
+    mlp_weight = re.compile(r"\.layer\.\d+\.(intermediate|output)\.dense\.")  # not attention.output.dense
+    shared = {name: tensor for name, tensor in dense.state_dict().items() if not mlp_weight.search(name)}
+    missing, unexpected = model.load_state_dict(shared, strict=False)
+    if unexpected or any(".output.block." not in name for name in missing):
+        raise ValueError(f"the dense checkpoint does not fit a {family} model: missing "
+                         f"{[n for n in missing if '.output.block.' not in n][:3]}, unexpected {unexpected[:3]}")
+    for dense_layer, layer in zip(dense.base_model.encoder.layer, model.base_model.encoder.layer):
+        mlp = dense_mlp(dense_layer)
+        block = layer.output.block
+        if hasattr(block, "load_experts"):
+            block.load_experts(weighted_experts(mlp, config.num_experts))
+        else:  # a layer that stays dense
+            block.mlp.load_state_dict(mlp.state_dict())
+    return model

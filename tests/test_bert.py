@@ -1,0 +1,92 @@
+"""BERT and RoBERTa masked-LM with our feed-forward blocks: transformers' modules around
+them, save/load round trips, and `smoe convert` from a dense checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+from smoe.model.bert import MODELS, ExpertFeedForward, aux_loss, expert_counts
+from smoe.model.feedforward import METHODS
+
+from runs import smoe
+
+SHAPE = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             max_position_embeddings=40)
+
+
+def tiny(family: str, **fields):
+    config_class, model_class = MODELS[family]
+    return model_class(config_class(**SHAPE, **{"num_experts": 4, "top_k": 2, **fields}))
+
+
+def inputs(seed: int = 0) -> torch.Tensor:
+    return torch.randint(5, 120, (3, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_masked_lm_outputs_and_expert_counts(family):
+    model = tiny(family).eval()
+    ids = inputs()
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    assert out.logits.shape == (3, 12, 120) and out.loss.ndim == 0
+    assert aux_loss(model) == 0  # a frozen router has no balance loss
+    assert [int(c.sum()) for c in expert_counts(model)] == [3 * 12 * 2] * 2  # every token to k = 2 experts
+    for layer in model.base_model.encoder.layer:
+        assert isinstance(layer.intermediate, torch.nn.Identity)
+        assert isinstance(layer.output, ExpertFeedForward)
+
+
+def test_the_layer_keeps_bert_dropout_residual_and_layernorm():
+    model = tiny("bert").eval()
+    sublayer = model.bert.encoder.layer[0].output
+    x, residual = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    y, _, _ = sublayer.block(x, None)
+    torch.testing.assert_close(sublayer(x, residual), sublayer.LayerNorm(y + residual))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_a_step(method):
+    model = tiny("bert", method=method, top_k=1 if method == "thor" else 2, moe_layers="every-2")
+    ids = inputs()
+    loss = model(input_ids=ids, labels=ids).loss + aux_loss(model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    kinds = [type(layer.output.block).__name__ for layer in model.bert.encoder.layer]
+    assert kinds[0] == "DenseFFN" and kinds[1] == ("DenseFFN" if METHODS[method].dense else "SMoE")
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_save_pretrained_and_from_pretrained_round_trip(family, tmp_path):
+    model = tiny(family, method="hash", moe_layers="later", num_experts=8, top_k=3).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    assert (loaded.config.method, loaded.config.num_experts, loaded.config.top_k, loaded.config.moe_layers) == \
+        ("hash", 8, 3, "later")
+    torch.testing.assert_close(loaded(input_ids=inputs()).logits, model(input_ids=inputs()).logits)
+
+
+@pytest.mark.parametrize("family, dense_class, config_class",
+                         [("bert", BertForMaskedLM, BertConfig), ("roberta", RobertaForMaskedLM, RobertaConfig)])
+def test_convert_splits_a_dense_checkpoint_into_experts(family, dense_class, config_class, tmp_path):
+    torch.manual_seed(0)
+    dense = dense_class(config_class(**SHAPE)).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    result = smoe("convert", tmp_path / "dense", tmp_path / "smoe", "--num-experts", "4", "--method", "hash")
+    assert "no tokenizer" in result.stdout
+    converted = AutoModelForMaskedLM.from_pretrained(tmp_path / "smoe").eval()
+    assert converted.config.num_experts == 4 and converted.config.top_k == 4
+    assert len(converted.base_model.encoder.layer[1].output.block.local_experts) == 4
+    # hash routing at k = N weighs every expert 1/N: the converted model is the dense one
+    torch.testing.assert_close(converted(input_ids=inputs()).logits, dense(input_ids=inputs()).logits,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_convert_refuses_n_not_dividing_the_intermediate_size(tmp_path):
+    BertForMaskedLM(BertConfig(**SHAPE)).save_pretrained(tmp_path / "dense")
+    result = smoe("convert", tmp_path / "dense", tmp_path / "out", "--num-experts", "5", check=False)
+    assert result.returncode == 2
+    assert "intermediate_size (64) is not divisible by num_experts (5)" in result.stderr
+    assert not (tmp_path / "out").exists()
