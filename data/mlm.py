@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 SPLIT_SEED = 1234  # the valid/test lines are the same for every run on the same files
-SPECIAL_TOKENS = {"bert": {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+# In id order: padding is 0 for BERT and 1 for RoBERTa, as in their released vocabularies.
+SPECIAL_TOKENS = {"bert": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                            "mask_token": "[MASK]"},
                   "roberta": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
                               "mask_token": "<mask>", "cls_token": "<s>", "sep_token": "</s>"}}
 
 
-def text_files(paths: list[str]) -> list[str]:
-    """Files named, or every ``*.txt`` in a named directory; missing ones are an error."""
+def text_files(paths: list[str], encoding: str = "utf-8") -> list[str]:
+    """Files named, or every ``*.txt`` in a named directory; missing or undecodable ones are an error."""
     files = []
     for name in paths:
         path = Path(name)
@@ -34,18 +35,26 @@ def text_files(paths: list[str]) -> list[str]:
             raise FileNotFoundError(f"--data-files: {path} does not exist: pass text files or a directory of *.txt")
     if not files:
         raise FileNotFoundError(f"--data-files {' '.join(paths)}: no *.txt file there")
+    for name in files:
+        try:
+            Path(name).read_text(encoding=encoding)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{name} is not {encoding} text (byte {error.start}: {error.reason}): convert it "
+                             f"(iconv -t {encoding}), leave it out, or set text_encoding=latin-1") from None
     return files
 
 
 def load_texts(data_files: list[str] | None = None, dataset: str | None = None, cache_dir: str | None = None,
-               heldout_fraction: float = 0.01):
+               heldout_fraction: float = 0.01, encoding: str = "utf-8"):
     """A ``DatasetDict`` of non-empty lines with ``train``, ``validation`` and ``test`` splits
     (``heldout_fraction`` of the lines each, drawn with a fixed seed)."""
     import datasets
 
     if data_files:
-        raw = datasets.load_dataset("text", data_files={"train": text_files(data_files)}, cache_dir=cache_dir)["train"]
-        source = ", ".join(Path(f).name for f in text_files(data_files))
+        files = text_files(data_files, encoding)
+        raw = datasets.load_dataset("text", data_files={"train": files}, cache_dir=cache_dir,
+                                    encoding=encoding)["train"]
+        source = ", ".join(Path(f).name for f in files)
     elif dataset:
         raw = datasets.load_dataset(dataset, split="train", cache_dir=cache_dir)
         source = dataset

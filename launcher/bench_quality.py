@@ -1,6 +1,6 @@
 """`smoe bench quality`: the paper's self-slimmable claim at CPU size, same budget for every method.
 
-Trains the ``tiny`` preset (or another) once per method with ``smoe train`` (each in its
+Trains the ``tiny`` preset (or ``bert-tiny`` / ``roberta-tiny`` on text) once per method with ``smoe train`` (each in its
 own process, one after the other), then reads each run's BPC-vs-k sweep. Expected, as
 in the paper: smoe-dropout (k 1 -> 16) gets better at every k up to N; smoe-learned,
 trained at k = 2, stops improving past its training k. Seconds per step come from the
@@ -21,9 +21,12 @@ DEFAULT_METHODS = ("smoe-dropout", "smoe-learned", "dense")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data-file", required=True, help="raw byte file (e.g. ../shared/data/enwik8/enwik8-head-4154399)")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-file", help="raw byte file for Transformer-XL (e.g. ../shared/data/enwik8/enwik8-head-4154399)")
+    data.add_argument("--data-files", nargs="+", metavar="PATH", help="text for the masked-LM presets "
+                                                                       "(e.g. ../shared/data/books)")
     parser.add_argument("--out", required=True, help="directory for the runs (one subdirectory per method)")
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="tiny", help="tiny (Transformer-XL), bert-tiny or roberta-tiny")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--json", help="write the table here")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run, "
@@ -48,8 +51,9 @@ def run(args) -> None:
     for method in args.methods.split(","):
         run_dir = out / method
         if not (run_dir / "eval.json").is_file():
+            data = ["--data-file", args.data_file] if args.data_file else ["--data-files", *args.data_files]
             command = [sys.executable, "-m", "smoe.launcher.cli", "train", "--preset", args.preset, "--method",
-                       method, "--data-file", args.data_file, "--out", str(run_dir), *args.overrides]
+                       method, *data, "--out", str(run_dir), *args.overrides]
             if (run_dir / "config.json").is_file():
                 command.append("--resume")
             print("$ " + " ".join(command[1:]), flush=True)
@@ -58,7 +62,7 @@ def run(args) -> None:
         results.append({"method": method, "s_per_step": mean_step_time(run_dir), **report})
 
     ks = sorted({row["k"] for r in results for row in r["rows"] if row["k"] is not None})
-    print(f"\ntest BPC on {results[0]['source']} ({args.preset} preset, same budget)")
+    print(f"\ntest {results[0].get('unit', 'BPC')} on {results[0]['source']} ({args.preset} preset, same budget)")
     print(f"{'method':<28}" + "".join(f"{'k=' + str(k):>9}" for k in ks) + f"{'s/step':>9}")
     for r in results:
         by_k = {row["k"]: row["test_bpc"] for row in r["rows"]}

@@ -78,30 +78,31 @@ def engine_config(config: TrainConfig, world_size: int, tensorboard_dir: Path | 
     return ds
 
 
-def cosine_with_warmup(config: TrainConfig):
-    """lr multiplier by step: linear warm-up, then cosine down to ``lr_min`` at ``max_steps``."""
+def lr_multiplier(config: TrainConfig):
+    """lr multiplier by step: linear warm-up, then cosine or linear decay to ``lr_min`` at ``max_steps``."""
     floor = config.lr_min / config.lr if config.lr else 0.0
 
     def multiplier(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
         progress = min((step - config.warmup_steps) / max(config.max_steps - config.warmup_steps, 1), 1.0)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        remaining = 0.5 * (1 + math.cos(math.pi * progress)) if config.lr_decay == "cosine" else 1 - progress
+        return floor + (1 - floor) * remaining
 
     return multiplier
 
 
 def build_engine(config: TrainConfig, model: torch.nn.Module, world_size: int, tensorboard_dir: Path | None,
                  training: bool = True):
-    """``deepspeed.initialize`` with Adam over DeepSpeed's MoE parameter groups (the frozen
-    router left out) and the cosine schedule; without an optimizer for evaluation."""
+    """``deepspeed.initialize`` with AdamW over DeepSpeed's MoE parameter groups (the frozen
+    router left out) and the lr schedule; without an optimizer for evaluation."""
     import deepspeed
 
     ds = engine_config(config, world_size, tensorboard_dir, training)
     if not training:
         engine, *_ = deepspeed.initialize(model=model, config=ds)
         return engine
-    optimizer = torch.optim.Adam(optimizer_param_groups(model), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(config))
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     return engine

@@ -21,11 +21,15 @@ def _add_train(commands) -> None:
         description=train.__doc__ + "\npresets: " + "; ".join(f"{name}: {values.get('description', '')}"
                                                               for name, values in presets().items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="tiny, paper, paper-8l or paper-12l (default: tiny)")
+    parser.add_argument("--preset", default="tiny", help="tiny, paper, paper-8l, paper-12l (Transformer-XL); bert-tiny, "
+                                                        "roberta-tiny, bert-paper, roberta-paper (default: tiny)")
     parser.add_argument("--method", help="dense, dense-concrete, dense-dropblock, smoe-dropout, smoe-learned, "
                                          "smoe-learned-increasing-k, thor, hash or random (default: smoe-dropout)")
     parser.add_argument("--data-dir", help="directory holding enwik8 or enwik8.zip (downloaded when absent)")
     parser.add_argument("--data-file", help="any raw file, split 90/5/5 by bytes, one token per byte")
+    parser.add_argument("--data-files", nargs="+", metavar="PATH",
+                        help="masked-LM presets: text files or directories of *.txt (a hub data set: dataset=NAME)")
+    parser.add_argument("--tokenizer", help="masked-LM presets: a transformers tokenizer directory (default: train one)")
     parser.add_argument("--out", required=True, help="run directory (config, checkpoints, tb/, eval.json)")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -42,6 +46,7 @@ def _run_train(args) -> None:
     from .checkpoint import latest_tag
     from .config import build_config, parse_override
     from .run_dir import RunDir
+    from .masked_lm import MaskedLMTrainer
     from .train import Trainer
 
     overrides = dict(parse_override(text) for text in args.overrides)
@@ -51,10 +56,15 @@ def _run_train(args) -> None:
         overrides["data_dir"] = str(Path(args.data_dir).resolve())
     if args.data_file:
         overrides["data_file"] = str(Path(args.data_file).resolve())
+    if args.data_files:
+        overrides["data_files"] = tuple(str(Path(f).resolve()) for f in args.data_files)
+    if args.tokenizer:
+        overrides["tokenizer"] = str(Path(args.tokenizer).resolve())
     config = build_config(args.preset, overrides)
     out = Path(args.out)
     resume = args.resume or (args.auto_resume and latest_tag(RunDir(out).checkpoints) is not None)
-    trainer = Trainer(config, out, resume=resume, fresh_ok=args.auto_resume)
+    trainer_class = MaskedLMTrainer if config.masked_lm else Trainer
+    trainer = trainer_class(config, out, resume=resume, fresh_ok=args.auto_resume)
     trainer.train(stop_at=args.stop_at)
     return EXIT_STOPPED_BY_SIGNAL if trainer.stopped_by_signal else 0
 

@@ -13,22 +13,36 @@ import json
 from dataclasses import dataclass
 from importlib.resources import files
 
+from smoe.data.mlm import check_block_fits
 from smoe.model.feedforward import FeedForwardSpec, get_method, moe_layers
 from smoe.model.transformer_xl import TransformerXLConfig
 from smoe.routing import TopKSchedule
 
 # Fields that fix the shapes of the saved tensors: a resume must not change them.
 # (ep_size may change: the checkpoint is resharded.)
-SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "num_experts", "method", "moe_layers",
+SHAPE_FIELDS = ("model", "n_layer", "d_model", "n_head", "d_head", "d_inner", "num_experts", "method", "moe_layers",
                 "vocab_size")
+
+
+MODELS = ("transformer-xl", "bert", "roberta")
 
 
 @dataclass
 class TrainConfig:
     preset: str = "paper"
+    model: str = "transformer-xl"  # transformer-xl (bytes, BPC) or bert / roberta (masked-LM, bits per token)
     # data: a directory with enwik8 (or enwik8.zip, downloaded when absent), or any raw file split 90/5/5
     data_dir: str = ""
     data_file: str = ""
+    # masked-LM data: text files (or directories of *.txt), or a hub data set; blocks of block_size tokens
+    data_files: tuple[str, ...] = ()
+    dataset: str = ""
+    tokenizer: str = ""  # a transformers tokenizer directory; empty: train one on the text, saved with the run
+    block_size: int = 128
+    max_positions: int = 512
+    mlm_probability: float = 0.15
+    cache_dir: str = ""  # datasets' cache (default: its own)
+    text_encoding: str = "utf-8"
     # Transformer-XL
     vocab_size: int = 256  # one token per byte
     n_layer: int = 4
@@ -61,7 +75,9 @@ class TrainConfig:
     eval_batch_size: int = 10
     max_steps: int = 400_000
     lr: float = 2.5e-4
-    lr_min: float = 0.0  # cosine decay ends here
+    lr_min: float = 0.0  # the decay ends here
+    lr_decay: str = "cosine"  # cosine or linear, after warmup_steps
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     warmup_steps: int = 0
     clip: float = 0.25
     seed: int = 1111
@@ -76,14 +92,22 @@ class TrainConfig:
 
     def __post_init__(self):
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
+        self.data_files = tuple(str(f) for f in self.data_files)
         method = get_method(self.method)
+        for name, allowed in (("model", MODELS), ("lr_decay", ("cosine", "linear"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} '{getattr(self, name)}' is unknown: use one of {', '.join(allowed)}")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"mlm_probability ({self.mlm_probability}) must be between 0 and 1, e.g. 0.15")
+        if self.masked_lm:
+            check_block_fits(self.block_size, self.max_positions)
         positive = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "tgt_len", "eval_tgt_len", "num_experts",
-                    "batch_size", "grad_accum", "eval_batch_size", "max_steps", "log_every", "eval_every", "save_every",
+                    "batch_size", "grad_accum", "eval_batch_size", "block_size", "max_positions", "max_steps", "log_every", "eval_every", "save_every",
                     "keep_checkpoints", "ep_size", "vocab_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
-        for name in ("lr", "clip", "mem_len", "eval_segments", "warmup_steps", "lr_min", "balance_coef",
+        for name in ("lr", "clip", "weight_decay", "mem_len", "eval_segments", "warmup_steps", "lr_min", "balance_coef",
                      "z_loss_coef", "consistency_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must not be negative")
@@ -95,6 +119,10 @@ class TrainConfig:
                 raise ValueError(f"eval_ks {bad} outside 1..num_experts ({self.num_experts}): "
                                  f"use e.g. eval_ks=1,2,4,{self.num_experts}")
         self.model_config()
+
+    @property
+    def masked_lm(self) -> bool:
+        return self.model != "transformer-xl"
 
     @property
     def eval_mem_len(self) -> int:
@@ -127,6 +155,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["eval_ks"] = list(self.eval_ks)
+        values["data_files"] = list(self.data_files)
         return values
 
     @classmethod
@@ -166,6 +195,8 @@ def parse_override(text: str) -> tuple[str, object]:
             return key, float(raw)
         if kind == "tuple[int, ...]":
             return key, tuple(int(v) for v in raw.split(",") if v)
+        if kind == "tuple[str, ...]":
+            return key, tuple(v for v in raw.split(",") if v)
         return key, raw
     except ValueError:
         raise ValueError(f"override {key}={raw}: expected {kind.split('[')[0]}, got '{raw}'") from None

@@ -73,29 +73,40 @@ def active_parameters(model: nn.Module, k: int | None) -> int:
 
 
 @torch.no_grad()
-def flops_per_token(model: nn.Module, seq_len: int, mem_len: int, vocab_size: int) -> float:
-    """Forward FLOPs per token for one segment with full memory, counted on the sparse
-    (sorted) dispatch so that the count follows k, as the paper reports."""
-    was_training, train_mem_len = model.training, model.mem_len
+def sparse_flops(model: nn.Module, forward) -> float:
+    """FLOPs of ``forward()`` in eval mode, counted on the sparse (sorted) dispatch so that
+    the count follows k, as the paper reports."""
+    was_training = model.training
     model.eval()
-    model.mem_len = mem_len
-    device = next(model.parameters()).device
     dispatchers = [layer.deepspeed_moe for layer in moe_layers_of(model)]
     saved = [d.dispatch for d in dispatchers]
     for d in dispatchers:
         d.dispatch = "sorted"
     try:
-        warm = torch.randint(vocab_size, (1, max(mem_len, 1)), device=device)
-        mems = model(warm).mems if mem_len else None
-        inputs = torch.randint(vocab_size, (1, seq_len), device=device)
         with FlopCounterMode(display=False) as counter:
-            model(inputs, mems)
+            forward()
     finally:
         for d, dispatch in zip(dispatchers, saved):
             d.dispatch = dispatch
         model.train(was_training)
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def flops_per_token(model: nn.Module, seq_len: int, mem_len: int, vocab_size: int) -> float:
+    """Transformer-XL's forward FLOPs per token for one segment with full memory."""
+    train_mem_len = model.mem_len
+    model.mem_len = mem_len
+    device = next(model.parameters()).device
+    try:
+        was_training = model.training
+        model.eval()
+        mems = model(torch.randint(vocab_size, (1, max(mem_len, 1)), device=device)).mems if mem_len else None
+        model.train(was_training)
+        inputs = torch.randint(vocab_size, (1, seq_len), device=device)
+        return sparse_flops(model, lambda: model(inputs, mems)) / seq_len
+    finally:
         model.mem_len = train_mem_len
-    return counter.get_total_flops() / seq_len
 
 
 @dataclass
@@ -107,27 +118,36 @@ class SweepRow:
     flops_per_token: float
 
 
-def sweep(model: nn.Module, ks: list[int], valid: OrderedStream, test: OrderedStream | None, *, seq_len: int,
-          mem_len: int, vocab_size: int, log=print) -> list[SweepRow]:
-    """Evaluate at every k (one row for a dense model) and restore the model's k after."""
+def sweep(model: nn.Module, ks: list[int], valid_loss, test_loss, flops, log=print) -> list[SweepRow]:
+    """Evaluate at every k (one row for a dense model) and restore the model's k after.
+
+    ``valid_loss()`` and ``test_loss()`` (or None) give nats per token, ``flops()`` forward
+    FLOPs per token, each at the k currently set."""
     layers = moe_layers_of(model)
     original_k = layers[0].top_k if layers else None
     rows = []
     for k in (ks if layers else [None]):
         if k is not None:
             set_top_k(model, k)
-        valid_bpc = evaluate(model, valid, mem_len) / LN2
-        test_bpc = evaluate(model, test, mem_len) / LN2 if test is not None else None
-        rows.append(SweepRow(k, valid_bpc, test_bpc, active_parameters(model, k),
-                             flops_per_token(model, seq_len, mem_len, vocab_size)))
+        rows.append(SweepRow(k, valid_loss() / LN2, test_loss() / LN2 if test_loss else None,
+                             active_parameters(model, k), flops()))
         log(format_row(rows[-1]))
     if original_k is not None:
         set_top_k(model, original_k)
     return rows
 
 
-def format_header() -> str:
-    return f"{'k':>4}  {'valid BPC':>9}  {'test BPC':>8}  {'active params':>13}  {'GFLOPs/token':>12}"
+def lm_sweep(model: nn.Module, ks: list[int], valid: OrderedStream, test: OrderedStream | None, *, seq_len: int,
+             mem_len: int, vocab_size: int, log=print) -> list[SweepRow]:
+    """:func:`sweep` for Transformer-XL: BPC on ordered streams, FLOPs of one segment with memory."""
+    return sweep(model, ks, lambda: evaluate(model, valid, mem_len),
+                 (lambda: evaluate(model, test, mem_len)) if test is not None else None,
+                 lambda: flops_per_token(model, seq_len, mem_len, vocab_size), log)
+
+
+def format_header(unit: str = "BPC") -> str:
+    valid, test = ("valid BPC", "test BPC") if unit == "BPC" else ("valid", "test")  # other units: in the title
+    return f"{'k':>4}  {valid:>9}  {test:>8}  {'active params':>13}  {'GFLOPs/token':>12}"
 
 
 def format_row(row: SweepRow) -> str:
@@ -141,8 +161,8 @@ def rows_to_json(rows: list[SweepRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-def plot(rows: list[SweepRow], path, title: str) -> None:
-    """BPC against active parameters, one point per k (the paper's Figure 1)."""
+def plot(rows: list[SweepRow], path, title: str, unit: str = "BPC") -> None:
+    """BPC (or bits per token) against active parameters, one point per k (the paper's Figure 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +177,7 @@ def plot(rows: list[SweepRow], path, title: str) -> None:
         if r.k is not None:
             ax.annotate(f"k={r.k}", (xi, r.valid_bpc), textcoords="offset points", xytext=(3, 4), fontsize=8)
     ax.set_xlabel("active parameters (M)")
-    ax.set_ylabel("BPC")
+    ax.set_ylabel(unit)
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
@@ -173,8 +193,6 @@ def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path
     process (ep_size 1) or on as many ranks as it was trained with."""
     import json
     from dataclasses import replace
-
-    from smoe.data import load_corpus
 
     from .build import build_engine, build_model, device, init_distributed
     from .checkpoint import latest_tag
@@ -192,24 +210,37 @@ def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path
     tag = latest_tag(run.checkpoints)
     if tag is None:
         raise ValueError(f"{run.checkpoints} holds no complete checkpoint: train (or resume) the run first")
-    if data_dir or data_file:
-        splits = load_corpus(data_dir, data_file)
+    if config.masked_lm:
+        from .masked_lm import MaskedLMData, build_mlm_model
+
+        if data_dir or data_file:
+            config = replace(config, data_files=tuple(f for f in (data_dir, data_file) if f))
+        data = MaskedLMData(config, run.root)
+        model, source, unit = build_mlm_model(config, data.tokenizer.pad_token_id, rank), data.source, "bits/token"
     else:
-        splits = load_corpus(config.data_dir or None, config.data_file or None)
-    engine = build_engine(config, build_model(config, rank).to(device()), world, None, training=False)
+        from smoe.data import load_corpus
+
+        splits = load_corpus(data_dir or config.data_dir or None, data_file or config.data_file or None)
+        model, source, unit = build_model(config, rank), splits.source, "BPC"
+    engine = build_engine(config, model.to(device()), world, None, training=False)
     engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=False,
                            load_lr_scheduler_states=False, load_module_only=True)
-    streams = [OrderedStream(split, config.eval_batch_size, config.eval_tgt_len, rank, world, name=name)
-               for name, split in (("valid", splits.valid), ("test", splits.test))]
     say = print if rank == 0 else (lambda *_: None)
-    say(f"{run.root} ({config.method}, {tag}) on {splits.source}\n{format_header()}")
-    rows = sweep(engine.module, ks, *streams, seq_len=config.eval_tgt_len, mem_len=config.eval_mem_len,
-                 vocab_size=config.vocab_size, log=say)
+    say(f"{run.root} ({config.method}, {tag}) on {source}\n{format_header(unit)}")
+    if config.masked_lm:
+        rows = sweep(engine.module, ks, lambda: data.eval_loss(engine.module, "valid", rank, world, device()),
+                     lambda: data.eval_loss(engine.module, "test", rank, world, device()),
+                     lambda: data.flops_per_token(engine.module, device()), log=say)
+    else:
+        streams = [OrderedStream(split, config.eval_batch_size, config.eval_tgt_len, rank, world, name=name)
+                   for name, split in (("valid", splits.valid), ("test", splits.test))]
+        rows = lm_sweep(engine.module, ks, *streams, seq_len=config.eval_tgt_len, mem_len=config.eval_mem_len,
+                        vocab_size=config.vocab_size, log=say)
     if rank == 0:
         if json_path:
-            report = {"run": str(run.root), "checkpoint": tag, "source": splits.source, "method": config.method,
-                      "rows": rows_to_json(rows)}
+            report = {"run": str(run.root), "checkpoint": tag, "source": source, "method": config.method,
+                      "unit": unit, "rows": rows_to_json(rows)}
             Path(json_path).write_text(json.dumps(report, indent=2))
         if plot_path:
-            plot(rows, plot_path, f"{config.method} on {splits.source}")
+            plot(rows, plot_path, f"{config.method} on {source}", unit)
     return rows

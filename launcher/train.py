@@ -32,7 +32,8 @@ from . import checkpoint, deepspeed_config
 from .build import build_engine, build_model, device, init_distributed
 from .config import TrainConfig, check_resume_compatible
 from .run_dir import RunDir
-from .evaluate import LN2, evaluate, format_header, moe_layers_of, rows_to_json, set_top_k, sweep
+from .evaluate import (LN2, evaluate, flops_per_token, format_header, moe_layers_of, rows_to_json, set_top_k,
+                       sweep)
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,16 +63,12 @@ class Trainer:
         # Everything that can be refused is checked before any process group or file exists.
         self.paths = RunDir(Path(out_dir))
         self.config = self._check_run_dir(config, resume, fresh_ok)
-        self.splits = load_corpus(config.data_dir or None, config.data_file or None)
-        for split, tokens, batch, seq in (("train", self.splits.train, config.batch_size, config.tgt_len),
-                                          ("valid", self.splits.valid, config.eval_batch_size, config.eval_tgt_len),
-                                          ("test", self.splits.test, config.eval_batch_size, config.eval_tgt_len)):
-            check_fits(len(tokens), batch, seq, split)
+        self._load_data()
         self.rank, self.world = init_distributed()
-        self.train_stream = OrderedStream(self.splits.train, config.batch_size, config.tgt_len, self.rank, self.world)
+        self.train_stream = self._train_stream()
         torch.manual_seed(config.seed + self.rank)  # dropout differs across ranks, reproducibly
         self.device = device()
-        model = build_model(config, self.rank).to(self.device)
+        model = self._build_model().to(self.device)
         self.engine = build_engine(config, model, self.world, self.paths.tensorboard)
         self.schedule = config.k_schedule()
         self.thor = config.method == "thor"
@@ -113,8 +110,45 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed {self.paths.root} at step {self.step} (k={self.schedule(self.step)})", flush=True)
 
-    # --- one step ----------------------------------------------------------------------------
-    def _losses(self, inputs: torch.Tensor, targets: torch.Tensor, mems) -> tuple[dict[str, torch.Tensor], list]:
+    # --- the task: Transformer-XL on a byte corpus (MaskedLMTrainer overrides this part) --------
+    unit = "BPC"
+
+    @property
+    def source(self) -> str:
+        return self.splits.source
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.batch_size * self.config.tgt_len
+
+    def _load_data(self) -> None:
+        config = self.config
+        self.splits = load_corpus(config.data_dir or None, config.data_file or None)
+        for split, tokens, batch, seq in (("train", self.splits.train, config.batch_size, config.tgt_len),
+                                          ("valid", self.splits.valid, config.eval_batch_size, config.eval_tgt_len),
+                                          ("test", self.splits.test, config.eval_batch_size, config.eval_tgt_len)):
+            check_fits(len(tokens), batch, seq, split)
+
+    def _train_stream(self):
+        return OrderedStream(self.splits.train, self.config.batch_size, self.config.tgt_len, self.rank, self.world)
+
+    def _build_model(self) -> torch.nn.Module:
+        return build_model(self.config, self.rank)
+
+    def _next_batch(self):
+        segment = self.train_stream.next_segment()
+        if segment.new_epoch:
+            self.mems = None
+        return segment
+
+    def _micro_batches(self, segment):
+        """This rank's rows of the segment cut into ``grad_accum`` micro-batches, each with its rows' memory."""
+        accum = self.config.grad_accum
+        mems = [None] * accum if self.mems is None else list(zip(*(m.chunk(accum) for m in self.mems)))
+        return zip(zip(segment.inputs.chunk(accum), segment.targets.chunk(accum)), mems)
+
+    def _losses(self, micro_batch, mems) -> tuple[dict[str, torch.Tensor], list]:
+        inputs, targets = (t.to(self.device) for t in micro_batch)
         out = self.engine(inputs, mems)
         ce, aux = lm_loss(out.logits, targets), out.aux_loss
         losses = {"ce": ce, "aux": aux, "counts": out.expert_counts}
@@ -126,31 +160,40 @@ class Trainer:
         losses["total"] = ce + aux + self.config.consistency_coef * losses.get("consistency", 0.0)
         return losses, out.mems
 
-    def _micro_batches(self, segment):
-        """This rank's rows of the segment cut into ``grad_accum`` micro-batches, each with its rows' memory."""
-        accum = self.config.grad_accum
-        mems = [None] * accum if self.mems is None else list(zip(*(m.chunk(accum) for m in self.mems)))
-        return zip(segment.inputs.chunk(accum), segment.targets.chunk(accum), mems)
+    def _carry(self, states: list) -> None:
+        """What the micro-batches leave for the next step: Transformer-XL's memory rows."""
+        self.mems = [torch.cat(layer, dim=0) for layer in zip(*states)]
 
+    def _eval_stream(self, split: str) -> OrderedStream:
+        tokens = {"valid": self.splits.valid, "test": self.splits.test}[split]
+        return OrderedStream(tokens, self.config.eval_batch_size, self.config.eval_tgt_len, self.rank, self.world,
+                             name=split)
+
+    def _eval_loss(self, split: str, max_batches: int = 0) -> float:
+        return evaluate(self.engine.module, self._eval_stream(split), self.config.eval_mem_len, max_batches)
+
+    def _flops_per_token(self) -> float:
+        config = self.config
+        return flops_per_token(self.engine.module, config.eval_tgt_len, config.eval_mem_len, config.vocab_size)
+
+    # --- one step ----------------------------------------------------------------------------
     def train_step(self) -> dict:
         k = self.schedule(self.step)
         set_top_k(self.engine.module, k)
-        segment = self.train_stream.next_segment()
-        if segment.new_epoch:
-            self.mems = None
+        batch = self._next_batch()
         sums = torch.zeros(3)  # ce, aux, THOR consistency: summed over micro-batches
-        counts, new_mems = None, []
-        for micro, (inputs, targets, mems) in enumerate(self._micro_batches(segment)):
+        counts, states = None, []
+        for micro, (micro_batch, state) in enumerate(self._micro_batches(batch)):
             if micro:
                 self.engine.step()  # DeepSpeed counts micro-steps and updates only at the last one
-            losses, mems = self._losses(inputs.to(self.device), targets.to(self.device), mems)
+            losses, state = self._losses(micro_batch, state)
             self.engine.backward(losses["total"])
             sums += torch.stack([losses[key].detach().float().cpu() if key in losses else torch.tensor(0.0)
                                  for key in ("ce", "aux", "consistency")])
             layer_counts = [c for c in losses["counts"] if c is not None]
             counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
-            new_mems.append(mems)
-        self.mems = [torch.cat(layer, dim=0) for layer in zip(*new_mems)]
+            states.append(state)
+        self._carry(states)
         # The same reduced values on every rank, so that all of them stop at the same step on a NaN
         # or on a signal that reached any one of them.
         reduced = torch.cat([sums / self.config.grad_accum, torch.tensor([float(self._signal is not None)])])
@@ -179,10 +222,10 @@ class Trainer:
         ``stopped_by_signal`` set, so that the job can requeue itself and resume exactly there."""
         config = self.config
         end = min(stop_at or config.max_steps, config.max_steps)
-        tokens_per_step = config.batch_size * config.tgt_len
+        tokens_per_step = self.tokens_per_step
         window = _Window()
         if self.rank == 0:
-            print(f"training {config.method} ({config.preset}) on {self.splits.source}: steps {self.step}->{end}, "
+            print(f"training {config.method} ({config.preset}) on {self.source}: steps {self.step}->{end}, "
                   f"{self.world} rank(s), ep_size {config.ep_size}, {tokens_per_step:,} tokens/step", flush=True)
         with _StopSignals(self):
             while self.step < end:
@@ -246,29 +289,25 @@ class Trainer:
         self.engine.monitor.write_events(events)
         eta = format_duration((end - self.step) * step_time)
         k = f"k {window.last['k']} | " if self.has_experts else ""
-        print(f"step {self.step}/{end} | loss {ce:.4f} | bpc {ce / LN2:.4f} | {k}"
+        print(f"step {self.step}/{end} | loss {ce:.4f} | {self.unit.lower()} {ce / LN2:.4f} | {k}"
               f"{tokens_per_s:,.0f} tok/s | {step_time:.3f} s/step | ETA {eta}", flush=True)
 
     def _validate(self) -> None:
-        stream = OrderedStream(self.splits.valid, self.config.eval_batch_size, self.config.eval_tgt_len,
-                               self.rank, self.world, name="valid")
-        loss = evaluate(self.engine.module, stream, self.config.eval_mem_len, self.config.eval_segments)
+        loss = self._eval_loss("valid", self.config.eval_segments)
         if self.rank == 0:
             self.engine.monitor.write_events([("val/loss", loss, self.step), ("val/bpc", loss / LN2, self.step)])
             k = f" (k={self.schedule(self.step)})" if self.has_experts else ""
-            print(f"step {self.step} | valid bpc {loss / LN2:.4f}{k}", flush=True)
+            print(f"step {self.step} | valid {self.unit} {loss / LN2:.4f}{k}", flush=True)
 
     def final_sweep(self) -> list:
-        """BPC on the whole validation and test splits at every k in ``eval_ks``."""
-        config = self.config
-        streams = [OrderedStream(split, config.eval_batch_size, config.eval_tgt_len, self.rank, self.world, name=name)
-                   for name, split in (("valid", self.splits.valid), ("test", self.splits.test))]
+        """The validation and test splits at every k in ``eval_ks``: bits per token, active parameters, FLOPs."""
         say = print if self.rank == 0 else (lambda *_: None)
-        say(f"BPC by k on {self.splits.source} (valid and test splits)\n{format_header()}")
-        rows = sweep(self.engine.module, list(config.eval_ks), *streams, seq_len=config.eval_tgt_len,
-                     mem_len=config.eval_mem_len, vocab_size=config.vocab_size, log=say)
+        say(f"{self.unit} by k on {self.source} (valid and test splits)\n{format_header(self.unit)}")
+        rows = sweep(self.engine.module, list(self.config.eval_ks), lambda: self._eval_loss("valid"),
+                     lambda: self._eval_loss("test"), self._flops_per_token, log=say)
         if self.rank == 0:
-            report = {"source": self.splits.source, "step": self.step, "method": config.method, "rows": rows_to_json(rows)}
+            report = {"source": self.source, "step": self.step, "method": self.config.method, "unit": self.unit,
+                      "rows": rows_to_json(rows)}
             checkpoint.write_atomic(self.paths.eval, json.dumps(report, indent=2).encode())
         return rows
 

@@ -21,6 +21,25 @@ def corpus(tmp_path_factory):
     return path
 
 
+WORDS = "the quick brown fox jumps over a lazy dog while seven old wizards quietly brew potions".split()
+
+
+@pytest.fixture(scope="session")
+def books(tmp_path_factory):
+    """Two text files of 600 random 5-12 word lines, with blank lines between some."""
+    generator = torch.Generator().manual_seed(0)
+    root = tmp_path_factory.mktemp("books")
+    for name in ("a.txt", "b.txt"):
+        lines = []
+        for i in range(600):
+            length = int(torch.randint(5, 13, (1,), generator=generator))
+            lines.append(" ".join(WORDS[j] for j in torch.randint(len(WORDS), (length,), generator=generator)))
+            if i % 7 == 0:
+                lines.append("   ")
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture(scope="session")
 def layout_runs(corpus, tmp_path_factory):
     """The small deterministic model on two layouts: 2 expert-parallel ranks stopped at step 6

@@ -9,28 +9,9 @@ import torch
 from smoe.data.mlm import (BlockStream, check_block_fits, check_tokenizer_fits, group_into_blocks, load_texts,
                            mlm_collator, train_tokenizer)
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven old wizards quietly brew potions".split()
-
-
 @pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    """Two text files of 600 random 5-12 word lines, with blank lines between some."""
-    generator = torch.Generator().manual_seed(0)
-    root = tmp_path_factory.mktemp("books")
-    for name in ("a.txt", "b.txt"):
-        lines = []
-        for i in range(600):
-            length = int(torch.randint(5, 13, (1,), generator=generator))
-            lines.append(" ".join(WORDS[j] for j in torch.randint(len(WORDS), (length,), generator=generator)))
-            if i % 7 == 0:
-                lines.append("   ")
-        (root / name).write_text("\n".join(lines) + "\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def splits(text_dir, tmp_path_factory):
-    return load_texts([str(text_dir)], cache_dir=str(tmp_path_factory.mktemp("cache")), heldout_fraction=0.05)[0]
+def splits(books, tmp_path_factory):
+    return load_texts([str(books)], cache_dir=str(tmp_path_factory.mktemp("cache")), heldout_fraction=0.05)[0]
 
 
 def test_lines_are_loaded_without_blanks_and_split_three_ways(splits):
@@ -39,9 +20,9 @@ def test_lines_are_loaded_without_blanks_and_split_three_ways(splits):
     assert all(line.strip() for line in splits["train"]["text"])
 
 
-def test_a_hub_style_dataset_name_loads_through_datasets(text_dir, tmp_path):
-    data, source = load_texts(dataset=str(text_dir), cache_dir=str(tmp_path))  # a local repo-like directory
-    assert source == str(text_dir) and len(data["train"]) + len(data["validation"]) + len(data["test"]) == 1200
+def test_a_hub_style_dataset_name_loads_through_datasets(books, tmp_path):
+    data, source = load_texts(dataset=str(books), cache_dir=str(tmp_path))  # a local repo-like directory
+    assert source == str(books) and len(data["train"]) + len(data["validation"]) + len(data["test"]) == 1200
 
 
 @pytest.mark.parametrize("family, mask", [("bert", "[MASK]"), ("roberta", "<mask>")])
@@ -87,7 +68,7 @@ def test_ranks_read_the_global_batch_and_resume_mid_epoch(splits):
         BlockStream(blocks, 16, identity).load_state_dict(single.state_dict())
 
 
-def test_bad_input_is_named(text_dir, splits, tmp_path):
+def test_bad_input_is_named(books, splits, tmp_path):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n   \n\n")
     with pytest.raises(ValueError, match="0 usable"):

@@ -1,0 +1,161 @@
+"""`smoe train` for BERT and RoBERTa masked-LM (``model=bert`` / ``model=roberta``).
+
+The loop, checkpoints, resume, TensorBoard and signals are :class:`~.train.Trainer`'s;
+this subclass supplies the task: text -> tokenizer -> blocks -> masked batches, the
+transformers model with our feed-forward blocks, and evaluation in bits per masked
+token at every k (the paper's "BPC" for BERT).
+
+    smoe train --preset bert-tiny --data-files ../shared/data/books --out runs/bert-tiny
+    smoe train --preset roberta-paper --tokenizer path/to/roberta-base --data-files books/ --out runs/roberta
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import deepspeed.comm as dist
+import torch
+
+from smoe.data.mlm import (BlockStream, check_tokenizer_fits, group_into_blocks, load_texts, mlm_collator,
+                           train_tokenizer)
+from smoe.model.bert import MODELS, aux_loss, expert_counts
+from smoe.model.parallel import init_expert_parallel
+
+from .config import TrainConfig
+from .evaluate import sparse_flops
+from .train import Trainer, symmetric_kl
+
+SPLITS = {"valid": "validation", "test": "test"}
+
+
+def load_tokenizer(config: TrainConfig, saved_dir, texts):
+    """The tokenizer named by the config, else the one saved with the run, else a new one
+    trained on ``texts`` (saved with the run by rank 0)."""
+    from transformers import AutoTokenizer
+
+    if config.tokenizer:
+        return AutoTokenizer.from_pretrained(config.tokenizer), config.tokenizer
+    if (saved_dir / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(saved_dir), str(saved_dir)
+    return train_tokenizer(texts, config.model, config.vocab_size), f"trained on the data ({config.vocab_size:,} tokens)"
+
+
+def build_mlm_model(config: TrainConfig, pad_token_id: int, rank: int = 0):
+    """BERT or RoBERTa masked-LM with our blocks, from the flat run config."""
+    config_class, model_class = MODELS[config.model]
+    # RoBERTa numbers positions from padding_idx + 1.
+    positions = config.max_positions + (pad_token_id + 1 if config.model == "roberta" else 0)
+    hf_config = config_class(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head, intermediate_size=config.d_inner, max_position_embeddings=positions,
+        hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropatt, pad_token_id=pad_token_id,
+        type_vocab_size=1 if config.model == "roberta" else 2,
+        method=config.method, num_experts=config.num_experts, top_k=config.k_schedule()(0),
+        moe_layers=config.moe_layers, ep_size=config.ep_size, balance_coef=config.balance_coef,
+        z_loss_coef=config.z_loss_coef, dropblock_size=config.dropblock_size, dispatch=config.dispatch,
+        router_seed=config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # transformers draws the shared weights from the global RNG: same on every rank
+        return model_class(hf_config, ep_rank=init_expert_parallel(config.ep_size), rank=rank)
+
+
+class MaskedLMData:
+    """The text of a run as masked-LM blocks: splits, tokenizer, collator; evaluation on them."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path):
+        self.config = config
+        texts, self.source = load_texts(list(config.data_files) or None, config.dataset or None,
+                                        config.cache_dir or None, encoding=config.text_encoding)
+        self.tokenizer, tokenizer_source = load_tokenizer(config, run_dir / "tokenizer", texts["train"]["text"])
+        check_tokenizer_fits(self.tokenizer, config.vocab_size, tokenizer_source)
+        self.blocks = {split: group_into_blocks(texts[split], self.tokenizer, config.block_size)
+                       for split in ("train", "validation", "test")}
+        self.collate = mlm_collator(self.tokenizer, config.mlm_probability)
+        for split in ("validation", "test"):
+            self.stream(split, config.eval_batch_size)  # refuses a split too small for one batch
+
+    def stream(self, split: str, batch_size: int, rank: int = 0, world: int = 1, shuffle: bool = False,
+               seed: int = 0) -> BlockStream:
+        return BlockStream(self.blocks[split], batch_size, self.collate, rank, world, seed=seed, shuffle=shuffle,
+                           name=split)
+
+    @torch.no_grad()
+    def eval_loss(self, model, split: str, rank: int, world: int, device, max_batches: int = 0) -> float:
+        """Mean cross-entropy per masked token (nats) over the split, with the same masks at every k."""
+        was_training = model.training
+        model.eval()
+        stream = self.stream(SPLITS[split], self.config.eval_batch_size, rank, world)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, masked tokens
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            for index, batch in enumerate(stream):
+                if max_batches and index >= max_batches:
+                    break
+                batch = {key: value.to(device) for key, value in batch.items()}
+                count = (batch["labels"] != -100).sum()
+                totals += torch.stack([model(**batch).loss.double() * count, count.double()])
+        if world > 1:
+            dist.all_reduce(totals)
+        model.train(was_training)
+        return (totals[0] / totals[1]).item()
+
+    def flops_per_token(self, model, device) -> float:
+        """Forward FLOPs per token of one block."""
+        ids = torch.randint(len(self.tokenizer), (1, self.config.block_size), device=device)
+        return sparse_flops(model, lambda: model(input_ids=ids)) / self.config.block_size
+
+
+class MaskedLMTrainer(Trainer):
+    unit = "bits/token"
+
+    @property
+    def source(self) -> str:
+        return self.data.source
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.batch_size * self.config.block_size
+
+    def _load_data(self) -> None:
+        self.data = MaskedLMData(self.config, self.paths.root)
+
+    def _train_stream(self) -> BlockStream:
+        return self.data.stream("train", self.config.batch_size, self.rank, self.world, shuffle=True,
+                                seed=self.config.seed)
+
+    def _build_model(self):
+        if self.rank == 0 and not self.config.tokenizer:
+            self.data.tokenizer.save_pretrained(self.paths.root / "tokenizer")
+        return build_mlm_model(self.config, self.data.tokenizer.pad_token_id, self.rank)
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        return self.train_stream.next_batch()
+
+    def _micro_batches(self, batch: dict[str, torch.Tensor]):
+        accum = self.config.grad_accum
+        chunks = {key: value.chunk(accum) for key, value in batch.items()}
+        return [({key: chunks[key][i] for key in chunks}, None) for i in range(accum)]
+
+    def _losses(self, micro_batch: dict[str, torch.Tensor], _) -> tuple[dict[str, torch.Tensor], None]:
+        inputs = {key: value.to(self.device) for key, value in micro_batch.items()}
+        model = self.engine.module
+        out = self.engine(**inputs)
+        ce, aux = out.loss, aux_loss(model)
+        losses = {"ce": ce, "aux": torch.as_tensor(aux, device=ce.device), "counts": expert_counts(model)}
+        if self.thor:
+            second = self.engine(**inputs)
+            masked = inputs["labels"] != -100
+            consistency = symmetric_kl(out.logits[masked], second.logits[masked])
+            losses.update(ce=(ce + second.loss) / 2, aux=(losses["aux"] + aux_loss(model)) / 2,
+                          consistency=consistency)
+        losses["total"] = losses["ce"] + losses["aux"] + self.config.consistency_coef * losses.get("consistency", 0.0)
+        return losses, None
+
+    def _carry(self, states: list) -> None:
+        pass  # no state crosses steps
+
+    def _eval_loss(self, split: str, max_batches: int = 0) -> float:
+        return self.data.eval_loss(self.engine.module, split, self.rank, self.world, self.device, max_batches)
+
+    def _flops_per_token(self) -> float:
+        return self.data.flops_per_token(self.engine.module, self.device)
