@@ -84,6 +84,20 @@ def test_convert_splits_a_dense_checkpoint_into_experts(family, dense_class, con
                                rtol=1e-4, atol=1e-5)
 
 
+def test_convert_copies_the_tokenizer(tmp_path):
+    from smoe.data.mlm import train_tokenizer
+
+    BertForMaskedLM(BertConfig(**SHAPE)).save_pretrained(tmp_path / "dense")
+    tokenizer = train_tokenizer(["the lazy dog sleeps", "a quick fox jumps"] * 20, "bert", vocab_size=120)
+    tokenizer.save_pretrained(tmp_path / "dense")
+    smoe("convert", tmp_path / "dense", tmp_path / "smoe", "--num-experts", "8", "--k", "2")
+    from transformers import AutoTokenizer
+
+    copied = AutoTokenizer.from_pretrained(tmp_path / "smoe")
+    assert copied("lazy fox")["input_ids"] == tokenizer("lazy fox")["input_ids"]
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path / "smoe").config.top_k == 2
+
+
 def test_convert_refuses_n_not_dividing_the_intermediate_size(tmp_path):
     BertForMaskedLM(BertConfig(**SHAPE)).save_pretrained(tmp_path / "dense")
     result = smoe("convert", tmp_path / "dense", tmp_path / "out", "--num-experts", "5", check=False)

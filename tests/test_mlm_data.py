@@ -34,6 +34,7 @@ def test_trained_tokenizer_blocks_and_masking(splits, family, mask, tmp_path):
 
     assert AutoTokenizer.from_pretrained(tmp_path)("lazy dog")["input_ids"] == tokenizer("lazy dog")["input_ids"]
     blocks = group_into_blocks(splits["train"], tokenizer, block_size=32)
+    assert blocks.cache_files  # datasets cached the mapped steps beside the loaded text
     assert len(blocks) > 40 and {len(ids) for ids in blocks["input_ids"]} == {32}
     first_line = tokenizer(splits["train"][0]["text"])["input_ids"]
     assert blocks[0]["input_ids"][:len(first_line)] == first_line  # lines concatenated in order
