@@ -1,4 +1,4 @@
-"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality`, `smoe ckpt consolidate`, `smoe convert`."""
+"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality`, `smoe ckpt consolidate`, `smoe convert`, `smoe slim`."""
 
 from __future__ import annotations
 
@@ -138,6 +138,15 @@ def _add_convert(commands) -> None:
     parser.set_defaults(run=convert.run)
 
 
+def _add_slim(commands) -> None:
+    from . import slim
+
+    parser = commands.add_parser("slim", help="keep the B most used experts per layer for fine-tuning",
+                                 description=slim.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    slim.add_arguments(parser)
+    parser.set_defaults(run=slim.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="SMoE-Dropout transformers on DeepSpeed.")
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment is what is used.
@@ -148,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(commands)
     _add_ckpt(commands)
     _add_convert(commands)
+    _add_slim(commands)
     return parser
 
 
