@@ -1,4 +1,5 @@
-"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality`, `smoe ckpt consolidate`, `smoe convert`, `smoe slim`."""
+"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality`, `smoe ckpt consolidate`, `smoe convert`, `smoe slim`,
+`smoe finetune`."""
 
 from __future__ import annotations
 
@@ -147,6 +148,15 @@ def _add_slim(commands) -> None:
     parser.set_defaults(run=slim.run)
 
 
+def _add_finetune(commands) -> None:
+    from . import finetune
+
+    parser = commands.add_parser("finetune", help="fine-tune a slim or converted model on a downstream task",
+                                 description=finetune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune.add_arguments(parser)
+    parser.set_defaults(run=finetune.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="SMoE-Dropout transformers on DeepSpeed.")
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment is what is used.
@@ -158,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ckpt(commands)
     _add_convert(commands)
     _add_slim(commands)
+    _add_finetune(commands)
     return parser
 
 

@@ -19,8 +19,9 @@ import re
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PreTrainedConfig,
-                          RobertaConfig, RobertaForMaskedLM)
+from transformers import (AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig,
+                          BertForMaskedLM, BertForSequenceClassification, PreTrainedConfig, RobertaConfig,
+                          RobertaForMaskedLM, RobertaForSequenceClassification)
 
 from .feedforward import FeedForwardSpec, feedforward_factory, get_method
 from .mlp import MLP, modularize
@@ -124,10 +125,32 @@ class SMoERobertaForMaskedLM(RobertaForMaskedLM):
         install_feedforward(self, ep_rank, rank)
 
 
+class SMoEBertForSequenceClassification(BertForSequenceClassification):
+    """BERT's classifier (pooled [CLS] -> dropout -> Linear) over our layers: fine-tuning."""
+
+    config_class = SMoEBertConfig
+
+    def __init__(self, config: SMoEBertConfig, ep_rank: int = 0, rank: int = 0):
+        super().__init__(config)
+        install_feedforward(self, ep_rank, rank)
+
+
+class SMoERobertaForSequenceClassification(RobertaForSequenceClassification):
+    """RoBERTa's classifier (<s> -> dense -> tanh -> dropout -> Linear) over our layers."""
+
+    config_class = SMoERobertaConfig
+
+    def __init__(self, config: SMoERobertaConfig, ep_rank: int = 0, rank: int = 0):
+        super().__init__(config)
+        install_feedforward(self, ep_rank, rank)
+
+
 MODELS = {"bert": (SMoEBertConfig, SMoEBertForMaskedLM), "roberta": (SMoERobertaConfig, SMoERobertaForMaskedLM)}
-for _config_class, _model_class in MODELS.values():
+CLASSIFIERS = {"bert": SMoEBertForSequenceClassification, "roberta": SMoERobertaForSequenceClassification}
+for family, (_config_class, _model_class) in MODELS.items():
     AutoConfig.register(_config_class.model_type, _config_class)
     AutoModelForMaskedLM.register(_config_class, _model_class)
+    AutoModelForSequenceClassification.register(_config_class, CLASSIFIERS[family])
 
 
 def dense_mlp(layer: nn.Module) -> MLP:

@@ -1,4 +1,5 @@
-"""Self-slimming: keeping the B most used experts of every layer (`smoe slim`)."""
+"""Downstream at an expert budget: keeping the B most used experts of every layer
+(`smoe slim`) and fine-tuning the slim model (`smoe finetune`)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,50 @@ def test_slim_refuses_bad_budgets_and_says_what_a_dense_budget_means(bert_run, b
     result = smoe("slim", dense, "--budget", "2", "--data", books / "a.txt", "--out", tmp_path / "dense2")
     assert "means a dense MLP of width 32, freshly initialised" in result.stdout
     assert json.loads((tmp_path / "dense2" / "slim.json").read_text())["dense_width"] == 32
+
+
+def write_sst2(root, size: int, seed: int) -> None:
+    """Sentences of words the tokenizer knows; label 1 iff 'wizards' is in them, not 'potions'."""
+    from conftest import WORDS
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = ["sentence\tlabel"]
+    for i in range(size):
+        words = [WORDS[j] for j in torch.randint(len(WORDS) - 3, (6,), generator=generator)]  # no wizards/potions
+        words.insert(int(torch.randint(6, (1,), generator=generator)), "wizards" if i % 2 else "potions")
+        rows.append(f"{' '.join(words)}\t{i % 2}")
+    (root / ("train.tsv" if size > 100 else "dev.tsv")).write_text("\n".join(rows) + "\n")
+
+
+def test_finetune_a_slim_model_on_sst2(bert_run, books, tmp_path):
+    smoe("slim", bert_run, "--budget", "2", "--data", books / "a.txt", "--out", tmp_path / "slim")
+    data = tmp_path / "sst2"
+    data.mkdir()
+    write_sst2(data, 400, seed=0)
+    write_sst2(data, 100, seed=1)
+    result = smoe("finetune", "sst2", "--model", tmp_path / "slim", "--data", data, "--out", tmp_path / "ft",
+                  "--epochs", "3", "--lr", "3e-3", "--batch-size", "16", "--k", "1")
+    report = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert (report["experts"], report["k"], report["task"]) == (2, 1, "sst2")
+    assert report["dev_accuracy"] > 0.9, result.stdout[-2000:]
+    assert "ETA" in result.stdout
+
+
+def test_finetune_refuses_bad_tasks_columns_and_labels(bert_run, books, tmp_path):
+    smoe("slim", bert_run, "--budget", "4", "--data", books / "a.txt", "--out", tmp_path / "slim")
+    data = tmp_path / "sst2"
+    data.mkdir()
+    args = ["--model", tmp_path / "slim", "--data", data, "--out", tmp_path / "ft"]
+    result = smoe("finetune", "imdb", *args, check=False)
+    assert result.returncode == 2 and "task 'imdb' is unknown: use one of sst2" in result.stderr
+    (data / "train.tsv").write_text("text\tlabel\nfine\t1\n")
+    (data / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    result = smoe("finetune", "sst2", *args, check=False)
+    assert result.returncode == 2 and "SST-2 needs 'sentence' and 'label'" in result.stderr
+    (data / "train.tsv").write_text("sentence\tlabel\nfine\t1\nodd\t2\n")
+    result = smoe("finetune", "sst2", *args, check=False)
+    assert result.returncode == 2 and "train.tsv:3: label '2' is not one of SST-2's classes 0, 1" in result.stderr
+    (data / "train.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    result = smoe("finetune", "sst2", *args, "--k", "9", check=False)
+    assert result.returncode == 2 and "--k 9 must be between 1 and the model's 4 experts" in result.stderr
+    assert not (tmp_path / "ft").exists()
