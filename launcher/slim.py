@@ -93,14 +93,16 @@ def run(args) -> None:
     model.load_state_dict(full_state_dict(run_dir.checkpoints / tag))
     width = config.d_inner // config.num_experts
     report = {"run": str(run_dir.root), "checkpoint": tag, "budget": args.budget, "method": config.method}
-    if get_method(config.method).dense:
-        print(f"note: {config.method} is dense and has no experts to drop: budget {args.budget}/{config.num_experts} "
+    if get_method(config.method).dense and args.budget < config.num_experts:
+        print(f"note: the {config.method} run has no experts to drop: budget {args.budget}/{config.num_experts} "
               f"means a dense MLP of width {width * args.budget}, freshly initialised (the other weights are the "
               "run's), to be trained from scratch")
         shared = {name: t for name, t in model.state_dict().items() if ".output.block." not in name}
         model = build_mlm_model(replace(config, d_inner=width * args.budget), tokenizer.pad_token_id)
         model.load_state_dict(shared, strict=False)
         report["dense_width"] = width * args.budget
+    elif get_method(config.method).dense:
+        print(f"note: the {config.method} run is dense; the full budget keeps it whole")
     else:
         k = args.k or args.budget
         for layer in (m for m in model.modules() if isinstance(m, SMoE)):

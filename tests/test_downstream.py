@@ -107,6 +107,8 @@ def test_slim_refuses_bad_budgets_and_says_what_a_dense_budget_means(bert_run, b
     result = smoe("slim", dense, "--budget", "2", "--data", books / "a.txt", "--out", tmp_path / "dense2")
     assert "means a dense MLP of width 32, freshly initialised" in result.stdout
     assert json.loads((tmp_path / "dense2" / "slim.json").read_text())["dense_width"] == 32
+    result = smoe("slim", dense, "--budget", "4", "--data", books / "a.txt", "--out", tmp_path / "dense4")
+    assert "the full budget keeps it whole" in result.stdout
 
 
 def write_sst2(root, size: int, seed: int) -> None:
