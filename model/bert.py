@@ -19,9 +19,11 @@ import re
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig,
-                          BertForMaskedLM, BertForSequenceClassification, PreTrainedConfig, RobertaConfig,
-                          RobertaForMaskedLM, RobertaForSequenceClassification)
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForMultipleChoice,
+                          AutoModelForSequenceClassification, BertConfig, BertForMaskedLM, BertForMultipleChoice,
+                          BertForSequenceClassification, BertModel, PreTrainedConfig, RobertaConfig,
+                          RobertaForMaskedLM, RobertaForMultipleChoice, RobertaForSequenceClassification,
+                          RobertaModel)
 
 from .feedforward import FeedForwardSpec, feedforward_factory, get_method
 from .mlp import MLP, modularize
@@ -64,12 +66,13 @@ def install_feedforward(model: nn.Module, ep_rank: int = 0, rank: int = 0) -> No
     for index, layer in enumerate(model.base_model.encoder.layer):
         layer.output = ExpertFeedForward(make_ffn(index), layer.output)
         layer.intermediate = nn.Identity()
-    model.register_forward_pre_hook(_share_token_ids, with_kwargs=True)
+    # On the encoder, not the head: a multiple-choice head flattens (batch, choices, T) ids before it.
+    model.base_model.register_forward_pre_hook(_share_token_ids, with_kwargs=True)
 
 
-def _share_token_ids(model, args, kwargs):
+def _share_token_ids(encoder, args, kwargs):
     token_ids = kwargs.get("input_ids", args[0] if args else None)
-    for module in feedforward_modules(model):
+    for module in feedforward_modules(encoder):
         module.token_ids = token_ids
 
 
@@ -109,48 +112,37 @@ class SMoERobertaConfig(SMoEFields, RobertaConfig):
     model_type = "smoe-roberta"
 
 
-class SMoEBertForMaskedLM(BertForMaskedLM):
-    config_class = SMoEBertConfig
+def _with_experts(base: type, config_class: type) -> type:
+    """``base`` (a transformers BERT/RoBERTa model class) with our feed-forward blocks installed."""
 
-    def __init__(self, config: SMoEBertConfig, ep_rank: int = 0, rank: int = 0):
-        super().__init__(config)
+    def __init__(self, config, ep_rank: int = 0, rank: int = 0):
+        base.__init__(self, config)
         install_feedforward(self, ep_rank, rank)  # after transformers' init, which would redraw the routers
 
-
-class SMoERobertaForMaskedLM(RobertaForMaskedLM):
-    config_class = SMoERobertaConfig
-
-    def __init__(self, config: SMoERobertaConfig, ep_rank: int = 0, rank: int = 0):
-        super().__init__(config)
-        install_feedforward(self, ep_rank, rank)
+    name = "SMoE" + base.__name__
+    return type(name, (base,), {"__init__": __init__, "config_class": config_class, "__module__": __name__,
+                                "__doc__": f"transformers' {base.__name__} over our feed-forward blocks."})
 
 
-class SMoEBertForSequenceClassification(BertForSequenceClassification):
-    """BERT's classifier (pooled [CLS] -> dropout -> Linear) over our layers: fine-tuning."""
-
-    config_class = SMoEBertConfig
-
-    def __init__(self, config: SMoEBertConfig, ep_rank: int = 0, rank: int = 0):
-        super().__init__(config)
-        install_feedforward(self, ep_rank, rank)
-
-
-class SMoERobertaForSequenceClassification(RobertaForSequenceClassification):
-    """RoBERTa's classifier (<s> -> dense -> tanh -> dropout -> Linear) over our layers."""
-
-    config_class = SMoERobertaConfig
-
-    def __init__(self, config: SMoERobertaConfig, ep_rank: int = 0, rank: int = 0):
-        super().__init__(config)
-        install_feedforward(self, ep_rank, rank)
-
-
-MODELS = {"bert": (SMoEBertConfig, SMoEBertForMaskedLM), "roberta": (SMoERobertaConfig, SMoERobertaForMaskedLM)}
-CLASSIFIERS = {"bert": SMoEBertForSequenceClassification, "roberta": SMoERobertaForSequenceClassification}
-for family, (_config_class, _model_class) in MODELS.items():
-    AutoConfig.register(_config_class.model_type, _config_class)
-    AutoModelForMaskedLM.register(_config_class, _model_class)
-    AutoModelForSequenceClassification.register(_config_class, CLASSIFIERS[family])
+# One class per (family, head), registered with the Auto class of that head, so that
+# AutoModelFor...from_pretrained(dir) builds ours from any directory we wrote.
+HEADS = {"masked-lm": AutoModelForMaskedLM, "sequence-classification": AutoModelForSequenceClassification,
+         "multiple-choice": AutoModelForMultipleChoice, "encoder": AutoModel}
+_BASES = {
+    "bert": {"masked-lm": BertForMaskedLM, "sequence-classification": BertForSequenceClassification,
+             "multiple-choice": BertForMultipleChoice, "encoder": BertModel},
+    "roberta": {"masked-lm": RobertaForMaskedLM, "sequence-classification": RobertaForSequenceClassification,
+                "multiple-choice": RobertaForMultipleChoice, "encoder": RobertaModel},
+}
+CONFIGS = {"bert": SMoEBertConfig, "roberta": SMoERobertaConfig}
+CLASSES = {family: {head: _with_experts(base, CONFIGS[family]) for head, base in bases.items()}
+           for family, bases in _BASES.items()}
+MODELS = {family: (CONFIGS[family], CLASSES[family]["masked-lm"]) for family in CONFIGS}
+SMoEBertForMaskedLM, SMoERobertaForMaskedLM = MODELS["bert"][1], MODELS["roberta"][1]
+for family, config_class in CONFIGS.items():
+    AutoConfig.register(config_class.model_type, config_class)
+    for head, auto_class in HEADS.items():
+        auto_class.register(config_class, CLASSES[family][head])
 
 
 def dense_mlp(layer: nn.Module) -> MLP:

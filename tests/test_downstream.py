@@ -134,7 +134,7 @@ def test_finetune_a_slim_model_on_sst2(bert_run, books, tmp_path):
                   "--epochs", "3", "--lr", "3e-3", "--batch-size", "16", "--k", "1")
     report = json.loads((tmp_path / "ft" / "result.json").read_text())
     assert (report["experts"], report["k"], report["task"]) == (2, 1, "sst2")
-    assert report["dev_accuracy"] > 0.9, result.stdout[-2000:]
+    assert report["dev"]["accuracy"] > 0.9, result.stdout[-2000:]
     assert "ETA" in result.stdout
 
 
@@ -144,7 +144,7 @@ def test_finetune_refuses_bad_tasks_columns_and_labels(bert_run, books, tmp_path
     data.mkdir()
     args = ["--model", tmp_path / "slim", "--data", data, "--out", tmp_path / "ft"]
     result = smoe("finetune", "imdb", *args, check=False)
-    assert result.returncode == 2 and "task 'imdb' is unknown: use one of sst2" in result.stderr
+    assert result.returncode == 2 and "task 'imdb' is unknown: use one of sst2, csqa" in result.stderr
     (data / "train.tsv").write_text("text\tlabel\nfine\t1\n")
     (data / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
     result = smoe("finetune", "sst2", *args, check=False)

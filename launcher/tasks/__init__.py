@@ -1,0 +1,18 @@
+"""Downstream tasks for `smoe finetune`, by name."""
+
+from __future__ import annotations
+
+from .base import Classifier, Split, Task, TaskModel, model_family
+from .csqa import CSQA
+from .sst2 import SST2
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (SST2, CSQA)}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"task '{name}' is unknown: use one of {', '.join(TASKS)}")
+    return TASKS[name]()
+
+
+__all__ = ["TASKS", "Classifier", "Split", "Task", "TaskModel", "get_task", "model_family"]
