@@ -38,13 +38,14 @@ class FinetuneConfig:
     seed: int = 0
     max_train_examples: int = 0  # 0: all
     log_every: int = 50
+    head_lr: float = 0.0  # 0: --lr everywhere; else the lr of a head trained from scratch (an equation decoder)
 
     def __post_init__(self):
         for name in ("batch_size", "epochs", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr < 0 or self.max_train_examples < 0:
-            raise ValueError("--lr and --max-train-examples must not be negative")
+        if min(self.lr, self.head_lr, self.max_train_examples) < 0:
+            raise ValueError("--lr, --head-lr and --max-train-examples must not be negative")
 
 
 def add_config_arguments(parser) -> None:
@@ -93,13 +94,18 @@ def fine_tune(model: TaskModel, train: list, config: FinetuneConfig, what: str =
     """Train ``model`` on ``train`` for ``config.epochs`` on a DeepSpeed engine; returns the trained module."""
     import deepspeed
 
-    from smoe.model.parallel import optimizer_param_groups
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     from .train import TrainingDiverged
 
     steps = math.ceil(len(train) / config.batch_size) * config.epochs
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model), lr=config.lr or model.default_lr,
-                                  weight_decay=config.weight_decay)
+    lr = config.lr or model.default_lr
+    head = {id(p) for p in model.new_parameters()} if config.head_lr else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the frozen routers are left out
+    groups = [{"name": "body", "params": [p for p in trainable if id(p) not in head], "lr": lr},
+              {"name": "head", "params": [p for p in trainable if id(p) in head], "lr": config.head_lr}]
+    optimizer = torch.optim.AdamW(split_params_into_different_moe_groups_for_optimizer(
+        [group for group in groups if group["params"]]), lr=lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config={
         "train_micro_batch_size_per_gpu": config.batch_size, "gradient_accumulation_steps": 1,
@@ -107,7 +113,7 @@ def fine_tune(model: TaskModel, train: list, config: FinetuneConfig, what: str =
     generator = torch.Generator().manual_seed(config.seed)
     step, started = 0, time.perf_counter()
     print(f"{what}: {len(train):,} examples x {config.epochs} epochs = {steps} steps of {config.batch_size}, "
-          f"lr {config.lr or model.default_lr:g}", flush=True)
+          f"lr {lr:g}" + (f", head lr {config.head_lr:g}" if head else ""), flush=True)
     for epoch in range(config.epochs):
         for batch in batches(train, config.batch_size, generator):
             loss = engine(batch)

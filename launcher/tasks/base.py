@@ -38,6 +38,10 @@ class TaskModel(nn.Module):
         """The training loss of ``batch``, the routers' auxiliary losses included."""
         raise NotImplementedError
 
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained from scratch, which ``--head-lr`` applies to (an equation decoder)."""
+        return []
+
     @torch.no_grad()
     def evaluate(self, examples: list) -> dict[str, float]:
         """The task's metrics on ``examples``; the first is the headline one."""
