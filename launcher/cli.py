@@ -1,5 +1,5 @@
 """The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality`, `smoe ckpt consolidate`, `smoe convert`, `smoe slim`,
-`smoe finetune`."""
+`smoe finetune`, `smoe distill`, `smoe report`."""
 
 from __future__ import annotations
 
@@ -157,6 +157,24 @@ def _add_finetune(commands) -> None:
     parser.set_defaults(run=finetune.run)
 
 
+def _add_distill(commands) -> None:
+    from . import distill
+
+    parser = commands.add_parser("distill", help="distil a fine-tuned SST-2 teacher into a single-expert student",
+                                 description=distill.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    distill.add_arguments(parser)
+    parser.set_defaults(run=distill.run)
+
+
+def _add_report(commands) -> None:
+    from . import report
+
+    parser = commands.add_parser("report", help="the paper's downstream tables and figure from a directory of runs",
+                                 description=report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_arguments(parser)
+    parser.set_defaults(run=report.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="SMoE-Dropout transformers on DeepSpeed.")
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK in the environment is what is used.
@@ -169,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(commands)
     _add_slim(commands)
     _add_finetune(commands)
+    _add_distill(commands)
+    _add_report(commands)
     return parser
 
 

@@ -135,7 +135,6 @@ def mean_metrics(per_split: list[dict]) -> dict[str, float]:
 
 def run(args) -> None:
     from .build import init_distributed
-    from .evaluate import active_parameters, moe_layers_of
 
     task = get_task(args.task)
     config = config_from(args)
@@ -152,7 +151,6 @@ def run(args) -> None:
                              f"use {', '.join(split.name for split in splits)}")
         splits = [split for split in splits if split.name in wanted]
     init_distributed()
-    out = Path(args.out)
     per_split, models = [], []
     for split in splits:
         torch.manual_seed(config.seed)
@@ -166,16 +164,39 @@ def run(args) -> None:
               flush=True)
         per_split.append({"split": split.name, **metrics})
         models.append((split.name, model))
+    result = {"task": task.name, "model": str(model_dir), "family": family, **slim_record(model_dir),
+              **describe(model, k),
+              "metric": task.metric, "dev": mean_metrics(per_split), "splits": per_split,
+              "train_examples": len(train), **asdict(config)}
+    write_result(Path(args.out), result, models)
+
+
+def slim_record(model_dir: Path) -> dict:
+    """What `smoe slim` recorded of the model: the run, its experts N and the budget B kept (none: the full model)."""
+    path = model_dir / "slim.json"
+    if not path.is_file():
+        return {}
+    slim = json.loads(path.read_text())
+    return {key: slim[key] for key in ("run", "run_experts", "budget") if key in slim}
+
+
+def describe(model: TaskModel, k: int | None) -> dict:
+    """What the reports need of a fine-tuned model: its method, experts per layer, k and active parameters."""
+    from .evaluate import active_parameters, moe_layers_of
+
     layers = moe_layers_of(model)
-    experts = layers[0].num_experts if layers else None
-    result = {"task": task.name, "model": str(model_dir), "family": family, "method": model.method,
-              "experts": experts, "k": k, "active_params": active_parameters(model, k), "metric": task.metric,
-              "dev": mean_metrics(per_split), "splits": per_split, "train_examples": len(train), **asdict(config)}
+    return {"method": model.method, "experts": layers[0].num_experts if layers else None, "k": k,
+            "active_params": active_parameters(model, k)}
+
+
+def write_result(out: Path, result: dict, models: list[tuple[str, TaskModel]]) -> None:
+    """The fine-tuned model(s) and ``result.json``, written last: a directory with a result is complete."""
     out.mkdir(parents=True, exist_ok=True)
     for name, trained in models:
         trained.save(out / ("model" if len(models) == 1 else f"model-{name}"))
     (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"{task.name} dev {task.metric} {result['dev'][task.metric]:.4f} over {len(per_split)} split(s) "
-          f"({model.method}, {experts or 'dense'} experts, k={k or '-'}, "
+    metric = result["metric"]
+    print(f"{result['task']} dev {metric} {result['dev'][metric]:.4f} over {len(result['splits'])} split(s) "
+          f"({result['method']}, {result['experts'] or 'dense'} experts, k={result['k'] or '-'}, "
           f"{result['active_params'] / 1e6:.2f}M active parameters): {out / 'result.json'}")
 
