@@ -51,26 +51,35 @@ def consolidate(run_dir: Path, out: Path) -> Path:
     if missing or unexpected:
         raise ValueError(f"checkpoint {run.checkpoints / tag} does not fit the run's config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}): is config.json from another run?")
+    return save_consolidated(model, config, Path(out), checkpoint=tag, run=str(run.root))
+
+
+def save_consolidated(model: torch.nn.Module, config: TrainConfig, out: Path, **metadata: str) -> Path:
+    """``model``'s tensors in one safetensors file with ``config`` (and ``metadata``) beside them,
+    written under a temporary name first. `smoe slim` writes Transformer-XL models this way too."""
     # Tied tensors (input and output embeddings) are stored once each: safetensors refuses shared storage.
     tensors = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(config.to_dict()), "checkpoint": tag,
-                                           "run": str(run.root)})
+    save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(config.to_dict()), **metadata})
     tmp.replace(out)
     return out
 
 
-def load_consolidated(path: Path) -> tuple[TrainConfig, TransformerXL]:
-    """The config and the model (on CPU, eval mode) from a consolidated file."""
+def read_consolidated(path: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
+    """The config and the tensors of a consolidated file, for callers that build their own model."""
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         if CONFIG_KEY not in metadata:
             raise ValueError(f"{path} is not a consolidated smoe model (no '{CONFIG_KEY}' metadata): "
                              "make one with `smoe ckpt consolidate RUN OUT`")
         config = TrainConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
-        state = {name: f.get_tensor(name) for name in f.keys()}
+        return config, {name: f.get_tensor(name) for name in f.keys()}
+
+
+def load_consolidated(path: Path) -> tuple[TrainConfig, TransformerXL]:
+    """The config and the model (on CPU, eval mode) from a consolidated file."""
+    config, state = read_consolidated(path)
     model = build_single_process_model(config)
     model.load_state_dict(state)
     return config, model.eval()

@@ -1,32 +1,49 @@
-"""`smoe slim RUN_DIR --budget B --data FILE --out DIR`: a smaller model for fine-tuning.
+"""`smoe slim RUN_DIR --budget B | --params P --data FILE --out DIR`: a smaller model for fine-tuning.
 
 One forward pass over the downstream training text counts how often the router picks
 each expert of each layer (at k = B, or ``--k``); the B most used experts
-per layer are kept and the rest dropped (:mod:`smoe.model.slim`). The result is a
-transformers directory (model, tokenizer, and ``slim.json`` with the kept experts and
-their counts) that fine-tuning loads like any other. ``--budget N`` gives back the full
-model. A dense baseline cannot drop experts: there a budget means a dense MLP of width
-B/N, freshly initialised, and the command says so.
+per layer are kept and the rest dropped (:mod:`smoe.model.slim`). ``--params P`` picks
+the largest B whose slim model has at most P parameters. ``--budget N`` gives back the
+full model. A dense baseline cannot drop experts: there a budget means a dense MLP of
+width B/N, freshly initialised, and the command says so.
+
+A BERT/RoBERTa run gives a transformers directory (model and tokenizer). A Transformer-XL
+run counts on the bytes of each example, as it was pretrained, and gives
+``model.safetensors`` in the `smoe ckpt consolidate` format (its config, with B experts,
+in the metadata). Both get ``slim.json`` with the kept experts and their counts, and
+`smoe finetune` loads either.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
+import functools
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from smoe.model.bert import feedforward_modules
+from smoe.model.dense import DenseFFN
 from smoe.model.feedforward import get_method
 from smoe.model.moe import SMoE
 from smoe.model.slim import keep_experts, most_used
 
+from .config import TrainConfig
+from .evaluate import moe_layers_of, set_top_k
+
+PARAMS_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", help="a BERT/RoBERTa `smoe train` run")
-    parser.add_argument("--budget", type=int, required=True, help="experts kept per layer, 1..N")
+    parser.add_argument("run_dir", help="a `smoe train` run: Transformer-XL, BERT or RoBERTa")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--budget", type=int, help="experts kept per layer, 1..N")
+    size.add_argument("--params", help="a parameter budget for the slim model instead, e.g. 600k or 1.5M: the most "
+                                       "experts per layer that fit")
     parser.add_argument("--data", required=True, help="downstream training text: a text file (one example per line) "
                                                       "or a TSV with a 'sentence' column (SST-2)")
     parser.add_argument("--out", required=True, help="directory for the slim model")
@@ -43,7 +60,7 @@ def read_examples(path: Path, limit: int) -> list[str]:
             rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             if "sentence" not in (rows.fieldnames or []):
                 raise ValueError(f"{path} has columns {rows.fieldnames}: a TSV needs a 'sentence' column (SST-2)")
-            texts = [row["sentence"] for row in rows]
+            texts = [row["sentence"] for row in rows if row["sentence"].strip()]
     else:
         texts = [line for line in path.read_text().splitlines() if line.strip()]
     if not texts:
@@ -51,74 +68,176 @@ def read_examples(path: Path, limit: int) -> list[str]:
     return texts[:limit]
 
 
+class MaskedLMFamily:
+    """BERT/RoBERTa runs: the run's tokenizer, a transformers directory out."""
+
+    def __init__(self, config: TrainConfig, run_root: Path):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or run_root / "tokenizer")
+        self.max_length = config.block_size
+
+    def build(self, config: TrainConfig) -> nn.Module:
+        from .masked_lm import build_mlm_model
+
+        return build_mlm_model(config, self.tokenizer.pad_token_id)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def expert_counts(self, model: nn.Module, ids_BT: torch.Tensor) -> list[torch.Tensor]:
+        from smoe.model.bert import expert_counts
+
+        model(input_ids=ids_BT)
+        return expert_counts(model)
+
+    def save(self, model: nn.Module, config: TrainConfig, out: Path) -> None:
+        model.save_pretrained(out)  # its transformers config was built from ``config``
+        self.tokenizer.save_pretrained(out)
+
+
+class TransformerXLFamily:
+    """Transformer-XL runs: the bytes of each example (UTF-8, as enwik8), at most the context
+    it was trained with (mem_len + tgt_len); one consolidated safetensors file out."""
+
+    def __init__(self, config: TrainConfig):
+        self.max_length = config.mem_len + config.tgt_len
+
+    def build(self, config: TrainConfig) -> nn.Module:
+        from .consolidate import build_single_process_model
+
+        return build_single_process_model(config)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return [list(text.encode("utf-8")[:self.max_length]) for text in texts]
+
+    def expert_counts(self, model: nn.Module, ids_BT: torch.Tensor) -> list[torch.Tensor]:
+        return model(ids_BT).expert_counts
+
+    def save(self, model: nn.Module, config: TrainConfig, out: Path) -> None:
+        from .consolidate import save_consolidated
+
+        save_consolidated(model, config, out / "model.safetensors")
+
+
+ModelFamily = MaskedLMFamily | TransformerXLFamily
+
+
+def slim_config(config: TrainConfig, budget: int, k: int) -> TrainConfig:
+    """The run's config with ``budget`` experts per layer, each as wide as before, all at top-k
+    ``k`` (at most ``budget``): what the slim model is built from and saved with."""
+    width = config.d_inner // config.num_experts
+    return replace(config, num_experts=budget, d_inner=width * budget, k_min=k, k_max=k, k_fixed=k,
+                   eval_ks=tuple(sorted({min(e, budget) for e in config.eval_ks})), ep_size=1)
+
+
+def parameter_count(text: str) -> int:
+    """``--params``: a plain count or one with a k, M or G suffix (600000, 600k, 1.5M)."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)([kmg]?)", text.strip().lower())
+    if not match:
+        raise ValueError(f"--params {text} is not a parameter count: write e.g. 600000, 600k or 1.5M")
+    return round(float(match[1]) * PARAMS_SUFFIXES[match[2]])
+
+
+def budget_for_params(text: str, config: TrainConfig, family: ModelFamily) -> int:
+    """The largest number of experts per layer whose slim model has at most ``--params`` parameters."""
+    limit = parameter_count(text)
+
+    @functools.cache
+    def size(budget: int) -> int:
+        return sum(p.numel() for p in family.build(slim_config(config, budget, k=1)).parameters())
+
+    budget = bisect.bisect_right(range(1, config.num_experts + 1), limit, key=size)  # size grows with the budget
+    if budget == 0:
+        raise ValueError(f"--params {text} is too small: the slim model with one expert per layer has "
+                         f"{size(1):,} parameters ({size(1) / 1e6:.2f}M); ask for at least that")
+    print(f"--params {text} -> budget {budget} of {config.num_experts} experts per layer: "
+          f"{size(budget) / 1e6:.2f}M parameters")
+    return budget
+
+
 @torch.no_grad()
-def count_experts(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32) -> list[torch.Tensor]:
+def count_experts(family: ModelFamily, model: nn.Module, texts: list[str], batch_size: int = 32
+                  ) -> list[torch.Tensor]:
     """Tokens routed to each expert of each MoE layer over ``texts``. Examples are batched
     by length, so no padding token is ever routed or counted."""
     model.eval()
     by_length: dict[int, list[list[int]]] = {}
-    for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]:
+    for ids in family.token_ids(texts):
         by_length.setdefault(len(ids), []).append(ids)
     totals = None
     for rows in by_length.values():
         for start in range(0, len(rows), batch_size):
-            model(input_ids=torch.tensor(rows[start:start + batch_size]))
-            counts = [m.expert_counts.clone() for m in feedforward_modules(model) if m.expert_counts is not None]
+            counts = family.expert_counts(model, torch.tensor(rows[start:start + batch_size]))
             totals = counts if totals is None else [t + c for t, c in zip(totals, counts)]
     return totals
 
 
-def run(args) -> None:
-    from transformers import AutoTokenizer
+def feedforward_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """Each layer's feed-forward block (experts or a dense MLP), by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (SMoE, DenseFFN))}
 
-    from .consolidate import full_state_dict
+
+def copy_all_but_feedforward(source: nn.Module, target: nn.Module) -> None:
+    """Every tensor of ``source`` into ``target`` (the same architecture at another budget),
+    except the feed-forward blocks', which differ in size and are the caller's to fill."""
+    blocks = tuple(f"{name}." for name in feedforward_blocks(source))
+    target.load_state_dict({name: tensor for name, tensor in source.state_dict().items()
+                            if not name.startswith(blocks)}, strict=False)
+
+
+def run(args) -> None:
     from .checkpoint import latest_tag
-    from .masked_lm import build_mlm_model
+    from .consolidate import full_state_dict
     from .run_dir import RunDir
 
     run_dir = RunDir(Path(args.run_dir))
     config = replace(run_dir.load_config(), ep_size=1)
-    if not config.masked_lm:
-        raise ValueError(f"{run_dir.root} is a Transformer-XL run: smoe slim takes BERT/RoBERTa runs")
-    if not 1 <= args.budget <= config.num_experts:
-        raise ValueError(f"--budget {args.budget} must be between 1 and the run's {config.num_experts} experts")
+    experts = config.num_experts
     if config.moe_layers != "all":
         raise ValueError(f"the run has experts in moe_layers={config.moe_layers} only: slimming needs every layer "
                          "to have experts (one intermediate size for the whole model)")
     tag = latest_tag(run_dir.checkpoints)
     if tag is None:
         raise ValueError(f"{run_dir.checkpoints} holds no complete checkpoint: train the run first")
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or run_dir.root / "tokenizer")
-    model = build_mlm_model(config, tokenizer.pad_token_id)
+    family = MaskedLMFamily(config, run_dir.root) if config.masked_lm else TransformerXLFamily(config)
+    budget = args.budget if args.params is None else budget_for_params(args.params, config, family)
+    if not 1 <= budget <= experts:
+        raise ValueError(f"--budget {budget} must be between 1 and the run's {experts} experts")
+    model = family.build(config)
     model.load_state_dict(full_state_dict(run_dir.checkpoints / tag))
-    width = config.d_inner // config.num_experts
-    report = {"run": str(run_dir.root), "checkpoint": tag, "budget": args.budget, "method": config.method}
-    if get_method(config.method).dense and args.budget < config.num_experts:
-        print(f"note: the {config.method} run has no experts to drop: budget {args.budget}/{config.num_experts} "
-              f"means a dense MLP of width {width * args.budget}, freshly initialised (the other weights are the "
-              "run's), to be trained from scratch")
-        shared = {name: t for name, t in model.state_dict().items() if ".output.block." not in name}
-        model = build_mlm_model(replace(config, d_inner=width * args.budget), tokenizer.pad_token_id)
-        model.load_state_dict(shared, strict=False)
-        report["dense_width"] = width * args.budget
-    elif get_method(config.method).dense:
-        print(f"note: the {config.method} run is dense; the full budget keeps it whole")
+    width = config.d_inner // experts
+    report = {"run": str(run_dir.root), "checkpoint": tag, "run_experts": experts, "budget": budget,
+              "method": config.method}
+    if get_method(config.method).dense:
+        target = slim_config(config, budget, k=1)  # dense: k is unused
+        slim = family.build(target)
+        copy_all_but_feedforward(model, slim)
+        if budget < experts:
+            print(f"note: the {config.method} run has no experts to drop: budget {budget}/{experts} "
+                  f"means a dense MLP of width {width * budget}, freshly initialised (the other weights are the "
+                  "run's), to be trained from scratch")
+            report["dense_width"] = width * budget
+        else:
+            print(f"note: the {config.method} run is dense; the full budget keeps it whole")
+            for block, slim_block in zip(feedforward_blocks(model).values(), feedforward_blocks(slim).values()):
+                slim_block.load_state_dict(block.state_dict())
     else:
-        k = args.k or args.budget
-        for layer in (m for m in model.modules() if isinstance(m, SMoE)):
-            layer.set_top_k(k)
-        counts = count_experts(model, tokenizer, read_examples(Path(args.data), args.max_examples),
-                               config.block_size)
-        kept = [most_used(c, args.budget) for c in counts]
-        for module, keep in zip(feedforward_modules(model), kept):
-            module.block = keep_experts(module.block, keep)
-        model.config.num_experts, model.config.intermediate_size = args.budget, width * args.budget
-        model.config.top_k = min(k, args.budget)
+        k = args.k or budget
+        set_top_k(model, k)
+        counts = count_experts(family, model, read_examples(Path(args.data), args.max_examples))
+        kept = [most_used(c, budget) for c in counts]
+        target = slim_config(config, budget, min(k, budget))
+        slim = family.build(target)
+        copy_all_but_feedforward(model, slim)
+        for layer, slim_layer, keep in zip(moe_layers_of(model), moe_layers_of(slim), kept):
+            slim_layer.load_state_dict(keep_experts(layer, keep).state_dict())
         report.update(k=k, kept=kept, counts=[c.tolist() for c in counts])
-        print(f"kept {args.budget} of {config.num_experts} experts per layer (counted at k={k}): "
+        print(f"kept {budget} of {experts} experts per layer (counted at k={k}): "
               + "; ".join(f"layer {i}: {keep}" for i, keep in enumerate(kept)))
+    report["parameters"] = sum(p.numel() for p in slim.parameters())
     out = Path(args.out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    out.mkdir(parents=True, exist_ok=True)
+    family.save(slim, target, out)
     (out / "slim.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")

@@ -73,6 +73,15 @@ class TransformerXLOutput(NamedTuple):
     expert_counts: list[torch.Tensor | None]  # per layer: tokens per expert, None for dense layers
 
 
+class TransformerXLHidden(NamedTuple):
+    """What the layers give before the LM head: a task head (a classifier) reads ``hidden``."""
+
+    hidden: torch.Tensor  # (B, T, D): the last layer's output
+    mems: list[torch.Tensor]
+    aux_loss: torch.Tensor
+    expert_counts: list[torch.Tensor | None]
+
+
 def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-byte cross-entropy in nats (divide by ln 2 for bits per character)."""
     return F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1))
@@ -229,6 +238,12 @@ class TransformerXL(nn.Module):
         return new_mems
 
     def forward(self, input_ids_BT: torch.Tensor, mems: list[torch.Tensor] | None = None) -> TransformerXLOutput:
+        """Next-token logits: the layers, then the output layer tied to the embedding."""
+        out = self.hidden_states(input_ids_BT, mems)
+        logits_BTV = F.linear(self.drop(out.hidden), self.word_emb.weight, self.out_bias).float()
+        return TransformerXLOutput(logits_BTV, out.mems, out.aux_loss, out.expert_counts)
+
+    def hidden_states(self, input_ids_BT: torch.Tensor, mems: list[torch.Tensor] | None = None) -> TransformerXLHidden:
         B, T = input_ids_BT.shape
         if mems is None:
             mems = self.init_mems(B)
@@ -256,5 +271,4 @@ class TransformerXL(nn.Module):
             aux_loss = aux_loss + layer_aux.float()
             expert_counts.append(counts)
 
-        logits_BTV = F.linear(self.drop(x_BTD), self.word_emb.weight, self.out_bias).float()
-        return TransformerXLOutput(logits_BTV, self._update_mems(hiddens, mems), aux_loss, expert_counts)
+        return TransformerXLHidden(x_BTD, self._update_mems(hiddens, mems), aux_loss, expert_counts)
