@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .base import Classifier, Split, Task, TaskModel, model_family
 from .csqa import CSQA
+from .mwp import MAWPS, SVAMP, ASDivA
 from .sst2 import SST2
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (SST2, CSQA)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (SST2, CSQA, ASDivA, MAWPS, SVAMP)}
 
 
 def get_task(name: str) -> Task:
