@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -130,49 +131,23 @@ def _run_consolidate(args) -> None:
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
-def _add_convert(commands) -> None:
-    from . import convert
-
-    parser = commands.add_parser("convert", help="a dense BERT/RoBERTa checkpoint split into experts",
-                                 description=convert.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    convert.add_arguments(parser)
-    parser.set_defaults(run=convert.run)
-
-
-def _add_slim(commands) -> None:
-    from . import slim
-
-    parser = commands.add_parser("slim", help="keep the B most used experts per layer for fine-tuning",
-                                 description=slim.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    slim.add_arguments(parser)
-    parser.set_defaults(run=slim.run)
+# Commands whose module has add_arguments(parser) and run(args): name -> (module, one-line help).
+MODULE_COMMANDS = {
+    "convert": ("convert", "a dense BERT/RoBERTa checkpoint split into experts"),
+    "slim": ("slim", "keep the B most used experts per layer for fine-tuning"),
+    "finetune": ("finetune", "fine-tune a slim or converted model on a downstream task"),
+    "distill": ("distill", "distil a fine-tuned SST-2 teacher into a single-expert student"),
+    "report": ("report", "the paper's downstream tables and figure from a directory of runs"),
+}
 
 
-def _add_finetune(commands) -> None:
-    from . import finetune
-
-    parser = commands.add_parser("finetune", help="fine-tune a slim or converted model on a downstream task",
-                                 description=finetune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    finetune.add_arguments(parser)
-    parser.set_defaults(run=finetune.run)
-
-
-def _add_distill(commands) -> None:
-    from . import distill
-
-    parser = commands.add_parser("distill", help="distil a fine-tuned SST-2 teacher into a single-expert student",
-                                 description=distill.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    distill.add_arguments(parser)
-    parser.set_defaults(run=distill.run)
-
-
-def _add_report(commands) -> None:
-    from . import report
-
-    parser = commands.add_parser("report", help="the paper's downstream tables and figure from a directory of runs",
-                                 description=report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_arguments(parser)
-    parser.set_defaults(run=report.run)
+def _add_module_command(commands, name: str) -> None:
+    module_name, summary = MODULE_COMMANDS[name]
+    module = importlib.import_module(f".{module_name}", __package__)
+    parser = commands.add_parser(name, help=summary, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    parser.set_defaults(run=module.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,11 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_bench(commands)
     _add_ckpt(commands)
-    _add_convert(commands)
-    _add_slim(commands)
-    _add_finetune(commands)
-    _add_distill(commands)
-    _add_report(commands)
+    for name in MODULE_COMMANDS:
+        _add_module_command(commands, name)
     return parser
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_atomic
 from .tasks import TASKS, TaskModel, get_task, model_family
 
 
@@ -194,9 +195,9 @@ def write_result(out: Path, result: dict, models: list[tuple[str, TaskModel]]) -
     out.mkdir(parents=True, exist_ok=True)
     for name, trained in models:
         trained.save(out / ("model" if len(models) == 1 else f"model-{name}"))
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    metric = result["metric"]
+    write_atomic(out / "result.json", json.dumps(result, indent=2).encode())
+    metric, experts = result["metric"], result["experts"]
     print(f"{result['task']} dev {metric} {result['dev'][metric]:.4f} over {len(result['splits'])} split(s) "
-          f"({result['method']}, {result['experts'] or 'dense'} experts, k={result['k'] or '-'}, "
+          f"({result['method']}, {f'{experts} expert(s)' if experts else 'dense'}, k={result['k'] or '-'}, "
           f"{result['active_params'] / 1e6:.2f}M active parameters): {out / 'result.json'}")
 

@@ -41,6 +41,22 @@ def books(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sst2(tmp_path_factory):
+    """A synthetic SST-2 of words the `books` tokenizers know: 400 training and 100 dev
+    sentences, label 1 iff 'wizards' is in them, 0 iff 'potions' is."""
+    root = tmp_path_factory.mktemp("sst2")
+    generator = torch.Generator().manual_seed(0)
+    for split, size in (("train", 400), ("dev", 100)):
+        rows = ["sentence\tlabel"]
+        for i in range(size):
+            words = [WORDS[j] for j in torch.randint(len(WORDS) - 3, (6,), generator=generator)]  # no wizards/potions
+            words.insert(int(torch.randint(6, (1,), generator=generator)), "wizards" if i % 2 else "potions")
+            rows.append(f"{' '.join(words)}\t{i % 2}")
+        (root / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
 def layout_runs(corpus, tmp_path_factory):
     """The small deterministic model on two layouts: 2 expert-parallel ranks stopped at step 6
     (``ep2``), one process at step 6 (``ep1-at-6``) and continued to step 8 (``ep1``)."""

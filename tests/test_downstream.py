@@ -111,26 +111,9 @@ def test_slim_refuses_bad_budgets_and_says_what_a_dense_budget_means(bert_run, b
     assert "the full budget keeps it whole" in result.stdout
 
 
-def write_sst2(root, size: int, seed: int) -> None:
-    """Sentences of words the tokenizer knows; label 1 iff 'wizards' is in them, not 'potions'."""
-    from conftest import WORDS
-
-    generator = torch.Generator().manual_seed(seed)
-    rows = ["sentence\tlabel"]
-    for i in range(size):
-        words = [WORDS[j] for j in torch.randint(len(WORDS) - 3, (6,), generator=generator)]  # no wizards/potions
-        words.insert(int(torch.randint(6, (1,), generator=generator)), "wizards" if i % 2 else "potions")
-        rows.append(f"{' '.join(words)}\t{i % 2}")
-    (root / ("train.tsv" if size > 100 else "dev.tsv")).write_text("\n".join(rows) + "\n")
-
-
-def test_finetune_a_slim_model_on_sst2(bert_run, books, tmp_path):
+def test_finetune_a_slim_model_on_sst2(bert_run, books, sst2, tmp_path):
     smoe("slim", bert_run, "--budget", "2", "--data", books / "a.txt", "--out", tmp_path / "slim")
-    data = tmp_path / "sst2"
-    data.mkdir()
-    write_sst2(data, 400, seed=0)
-    write_sst2(data, 100, seed=1)
-    result = smoe("finetune", "sst2", "--model", tmp_path / "slim", "--data", data, "--out", tmp_path / "ft",
+    result = smoe("finetune", "sst2", "--model", tmp_path / "slim", "--data", sst2, "--out", tmp_path / "ft",
                   "--epochs", "3", "--lr", "3e-3", "--batch-size", "16", "--k", "1")
     report = json.loads((tmp_path / "ft" / "result.json").read_text())
     assert (report["experts"], report["k"], report["task"]) == (2, 1, "sst2")

@@ -9,7 +9,7 @@ import torch
 
 from conftest import WORDS
 from runs import smoe
-from test_downstream import MLM, write_sst2
+from test_downstream import MLM
 
 FAST = ["--lr", "3e-3", "--batch-size", "16", "--epochs", "3"]
 
@@ -57,14 +57,6 @@ def test_csqa_learns_multiple_choice_and_refuses_bad_records(models, tmp_path):
     (data / "dev_rand_split.jsonl").write_text('{"id": "1"}\n')
     result = smoe("finetune", "csqa", "--model", models / "b4", "--data", data, "--out", tmp_path / "x", check=False)
     assert result.returncode == 2 and "CSQA records need 'answerKey'" in result.stderr
-
-
-@pytest.fixture(scope="module")
-def sst2(tmp_path_factory):
-    data = tmp_path_factory.mktemp("sst2")
-    write_sst2(data, 400, seed=0)
-    write_sst2(data, 100, seed=1)
-    return data
 
 
 def test_distillation_teaches_the_single_expert_student_from_soft_targets_alone(models, sst2, tmp_path):

@@ -22,7 +22,6 @@ from smoe.model.txl_classifier import TransformerXLClassifier
 from smoe.routing.routers import HashRouter
 
 from runs import SMALL, smoe
-from test_downstream import write_sst2
 
 # SMALL: 2 layers, d_model 32, 4 experts of width 16, k 1 -> 4, mem_len + tgt_len = 32 bytes of context.
 RUN = [*SMALL, "max_steps=4", "eval_ks=4", "eval_every=100", "save_every=100"]
@@ -44,15 +43,6 @@ def txl_run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("txl") / "run"
     smoe("train", "--preset", "tiny", "--data-file", corpus, "--out", out, *RUN)
     return out
-
-
-@pytest.fixture(scope="module")
-def sst2(tmp_path_factory):
-    """A synthetic SST-2: 400 training and 100 dev sentences, label 1 iff 'wizards' is in them."""
-    root = tmp_path_factory.mktemp("sst2")
-    write_sst2(root, 400, seed=0)
-    write_sst2(root, 100, seed=1)
-    return root
 
 
 def sentences(sst2_dir, split="train") -> list[str]:
