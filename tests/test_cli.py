@@ -1,4 +1,6 @@
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -7,12 +9,22 @@ from smoe.launcher.cli import main
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["eval", "--help"], ["bench", "--help"],
                                   ["bench", "layer", "--help"], ["bench", "quality", "--help"],
-                                  ["ckpt", "consolidate", "--help"]])
+                                  ["ckpt", "consolidate", "--help"], ["convert", "--help"], ["slim", "--help"],
+                                  ["finetune", "--help"], ["distill", "--help"], ["report", "--help"]])
 def test_help_on_every_command(args, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 0
     assert "usage: smoe" in capsys.readouterr().out
+
+
+def test_every_package_folder_is_in_the_distribution():
+    """A folder missing from pyproject's `packages` works from a checkout and is absent from a wheel."""
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(("smoe", *init.parent.relative_to(root).parts)) for init in root.glob("**/__init__.py")
+               if not {"tests", "runs", "build"} & set(init.relative_to(root).parts) and ".git" not in init.parts}
+    assert folders == listed
 
 
 def test_bench_layer_writes_its_records(tmp_path):
