@@ -28,6 +28,12 @@ def moe_layers_of(model: nn.Module) -> list[SMoE]:
     return [m for m in model.modules() if isinstance(m, SMoE)]
 
 
+def top_k_of(model: nn.Module) -> int | None:
+    """The k the model's MoE layers run at now; None for a dense model."""
+    layers = moe_layers_of(model)
+    return layers[0].top_k if layers else None
+
+
 def set_top_k(model: nn.Module, k: int) -> None:
     for layer in moe_layers_of(model):
         layer.set_top_k(k)

@@ -76,14 +76,12 @@ def batches(examples: list, batch_size: int, generator: torch.Generator):
 
 def set_k(model: TaskModel, k: int | None) -> int | None:
     """Top-k of every MoE layer set to ``k`` (default: as loaded); None for a dense model."""
-    from .evaluate import moe_layers_of
+    from .evaluate import moe_layers_of, top_k_of
 
     layers = moe_layers_of(model)
-    if not layers:
-        return None
+    if not layers or k is None:
+        return top_k_of(model)
     experts = layers[0].num_experts
-    if k is None:
-        return layers[0].top_k
     if not 1 <= k <= experts:
         raise ValueError(f"--k {k} must be between 1 and the model's {experts} experts")
     for layer in layers:

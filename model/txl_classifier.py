@@ -121,8 +121,12 @@ class TransformerXLClassifier(Classifier):
         return torch.tensor([label for _, label in batch], device=self.device)
 
     def save(self, out: Path) -> None:
-        """model.safetensors (with the word-level config in its metadata) and vocab.txt, which
-        :meth:`from_pretrained` reloads."""
+        """model.safetensors (with the word-level config, at the k it was fine-tuned at, in its
+        metadata) and vocab.txt, which :meth:`from_pretrained` reloads."""
+        from smoe.launcher.evaluate import top_k_of
+
+        k = top_k_of(self)
+        config = self.config if k is None else replace(self.config, k_min=k, k_max=k, k_fixed=k)
         out.mkdir(parents=True, exist_ok=True)
-        save_consolidated(self, self.config, out / "model.safetensors")
+        save_consolidated(self, config, out / "model.safetensors")
         (out / VOCABULARY_FILE).write_text("\n".join(self.vocabulary) + "\n")

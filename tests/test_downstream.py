@@ -117,6 +117,7 @@ def test_finetune_a_slim_model_on_sst2(bert_run, books, sst2, tmp_path):
                   "--epochs", "3", "--lr", "3e-3", "--batch-size", "16", "--k", "1")
     report = json.loads((tmp_path / "ft" / "result.json").read_text())
     assert (report["experts"], report["k"], report["task"]) == (2, 1, "sst2")
+    assert json.loads((tmp_path / "ft" / "model" / "config.json").read_text())["top_k"] == 1  # reloads at k = 1
     assert report["dev"]["accuracy"] > 0.9, result.stdout[-2000:]
     assert "ETA" in result.stdout
 

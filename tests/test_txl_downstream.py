@@ -15,7 +15,7 @@ from smoe.launcher.build import build_model
 from smoe.launcher.cli import main
 from smoe.launcher.config import build_config, parse_override
 from smoe.launcher.consolidate import consolidate, load_consolidated, save_consolidated
-from smoe.launcher.evaluate import moe_layers_of, set_top_k
+from smoe.launcher.evaluate import moe_layers_of, set_top_k, top_k_of
 from smoe.launcher.slim import parameter_count
 from smoe.model.slim import keep_experts, most_used
 from smoe.model.txl_classifier import TransformerXLClassifier
@@ -157,13 +157,14 @@ def test_hash_routing_is_redrawn_for_the_word_vocabulary(tmp_path, capsys):
 def test_finetune_sst2_on_a_slim_transformer_xl(txl_run, sst2, tmp_path, capsys):
     slim(capsys, txl_run, tmp_path / "slim", "--budget", "2", "--data", sst2 / "train.tsv")
     result = smoe("finetune", "sst2", "--model", tmp_path / "slim", "--data", sst2, "--out", tmp_path / "ft",
-                  "--epochs", "3", "--lr", "3e-3", "--batch-size", "16")
+                  "--epochs", "3", "--lr", "3e-3", "--batch-size", "16", "--k", "1")
     report = json.loads((tmp_path / "ft" / "result.json").read_text())
     assert (report["family"], report["method"], report["run_experts"], report["budget"], report["experts"],
-            report["k"]) == ("transformer-xl", "smoe-dropout", 4, 2, 2, 2)
+            report["k"]) == ("transformer-xl", "smoe-dropout", 4, 2, 2, 1)
     assert report["dev"]["accuracy"] > 0.9, result.stdout[-2000:]
-    # the saved classifier comes back as it was trained, whatever texts are passed
+    # the saved classifier comes back as it was trained (at k = 1), whatever texts are passed
     saved = TransformerXLClassifier.from_pretrained(tmp_path / "ft" / "model", [], 2, max_length=128)
+    assert top_k_of(saved) == 1
     assert saved.evaluate(read_split(sst2 / "dev.tsv"))["accuracy"] == report["dev"]["accuracy"]
 
 

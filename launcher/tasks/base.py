@@ -141,5 +141,11 @@ class TransformersBody(TaskModel):
         return aux_loss(self.model)
 
     def save(self, out: Path) -> None:
+        """The model at the k it was fine-tuned at (``top_k`` in config.json), and its tokenizer."""
+        from smoe.launcher.evaluate import top_k_of
+
+        k = top_k_of(self.model)
+        if k is not None:
+            self.model.config.top_k = k
         self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
