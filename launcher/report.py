@@ -57,10 +57,11 @@ def full_budget(result: dict) -> bool:
 
 
 def cell(results: list[dict]) -> str:
-    if not results:
-        return ""
-    text = f"{statistics.fmean(score(r) for r in results):.2f}"
-    return text + (f" (n={len(results)})" if len(results) > 1 else "")
+    """The mean score of a cell's runs; with several (seeds), their standard deviation and count."""
+    scores = [score(r) for r in results]
+    if len(scores) < 2:
+        return f"{scores[0]:.2f}" if scores else ""
+    return f"{statistics.fmean(scores):.2f} ± {statistics.stdev(scores):.2f} (n={len(scores)})"
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:

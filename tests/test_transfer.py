@@ -99,3 +99,10 @@ def test_report_lays_out_the_papers_tables_and_figure(models, sst2, tmp_path):
     assert result.returncode == 2 and "broken/result.json is not a `smoe finetune`" in result.stderr
     result = smoe("report", tmp_path / "empty-nothing", check=False)
     assert result.returncode == 2 and "is not a directory" in result.stderr
+
+
+def test_a_cell_of_several_seeds_shows_their_mean_spread_and_count():
+    from smoe.launcher.report import cell
+
+    runs = [{"metric": "accuracy", "dev": {"accuracy": accuracy}} for accuracy in (0.7, 0.8, 0.9)]
+    assert (cell(runs), cell(runs[:1]), cell([])) == ("80.00 ± 10.00 (n=3)", "70.00", "")
