@@ -10,7 +10,8 @@ given directories and lays them out as the paper does:
 - Figure 4: dev metric against the parameters of the fine-tuned model (budget B,
   k = B), one line per method and a panel per task (``OUT/figure4.png``).
 
-Several runs in one cell are averaged, and the cell says how many. The tables are
+Several runs in one cell or point (seeds) are averaged, with their standard deviation and,
+in a table, how many. The tables are
 printed and written to ``OUT/report.md``.
 """
 
@@ -106,31 +107,37 @@ def table_distillation(results: list[dict]) -> str:
     return markdown(["teacher", "teacher accuracy", "student accuracy (one expert)"], rows)
 
 
-def budget_points(results: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """task -> model -> (parameters, metric %) at each budget, every kept expert active."""
-    points = defaultdict(lambda: defaultdict(list))
+def budget_points(results: list[dict]) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """task -> model -> parameters -> metric % of each run (seed) at that budget, every kept expert active."""
+    points = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in results:
         if r.get("kind") != "distillation" and r["k"] in (None, r["experts"]):
-            points[r["task"]][model_label(r)].append((r["active_params"], score(r)))
+            points[r["task"]][model_label(r)][r["active_params"]].append(score(r))
     return points
 
 
-def plot_budgets(points, path: Path) -> None:
+def plot_budgets(points, path: Path, columns: int = 3) -> None:
+    """One panel per task: the mean over seeds at each budget, with their standard deviation as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = [t for t in TASK_ORDER if t in points]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
-        for label, xy in sorted(points[task].items()):
-            xy = sorted(xy)
-            axis.plot([x / 1e6 for x, _ in xy], [y for _, y in xy], marker="o", label=label)
+    rows, columns = -(-len(tasks) // columns), min(columns, len(tasks))
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False)
+    for axis, task in zip(axes.flat, tasks):
+        for label, by_params in sorted(points[task].items()):
+            params = sorted(by_params)
+            means = [statistics.fmean(by_params[n]) for n in params]
+            spreads = [statistics.stdev(by_params[n]) if len(by_params[n]) > 1 else 0.0 for n in params]
+            axis.errorbar([n / 1e6 for n in params], means, yerr=spreads, marker="o", capsize=3, label=label)
         axis.set_title(task)
         axis.set_xlabel("parameters (M)")
         axis.set_ylabel("dev metric (%)")
         axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(tasks):]:
+        axis.set_visible(False)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -101,8 +101,11 @@ def test_report_lays_out_the_papers_tables_and_figure(models, sst2, tmp_path):
     assert result.returncode == 2 and "is not a directory" in result.stderr
 
 
-def test_a_cell_of_several_seeds_shows_their_mean_spread_and_count():
-    from smoe.launcher.report import cell
+def test_seeds_share_a_cell_and_a_point_and_show_their_mean_spread_and_count():
+    from smoe.launcher.report import budget_points, cell
 
-    runs = [{"metric": "accuracy", "dev": {"accuracy": accuracy}} for accuracy in (0.7, 0.8, 0.9)]
-    assert (cell(runs), cell(runs[:1]), cell([])) == ("80.00 ± 10.00 (n=3)", "70.00", "")
+    runs = [{"task": "sst2", "family": "bert", "method": "smoe-dropout", "experts": 4, "k": k, "active_params": n,
+             "metric": "accuracy", "dev": {"accuracy": accuracy}}
+            for accuracy, k, n in ((0.7, 4, 100), (0.8, 4, 100), (0.9, 4, 100), (0.5, 1, 60))]
+    assert (cell(runs[:3]), cell(runs[:1]), cell([])) == ("80.00 ± 10.00 (n=3)", "70.00", "")
+    assert budget_points(runs) == {"sst2": {"bert smoe-dropout": {100: [70.0, 80.0, 90.0]}}}  # k < B is no budget point
