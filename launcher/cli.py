@@ -131,20 +131,19 @@ def _run_consolidate(args) -> None:
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
-# Commands whose module has add_arguments(parser) and run(args): name -> (module, one-line help).
+# Commands whose module (of the same name) has add_arguments(parser) and run(args): name -> one-line help.
 MODULE_COMMANDS = {
-    "convert": ("convert", "a dense BERT/RoBERTa checkpoint split into experts"),
-    "slim": ("slim", "keep the B most used experts per layer for fine-tuning"),
-    "finetune": ("finetune", "fine-tune a slim or converted model on a downstream task"),
-    "distill": ("distill", "distil a fine-tuned SST-2 teacher into a single-expert student"),
-    "report": ("report", "the paper's downstream tables and figure from a directory of runs"),
+    "convert": "a dense BERT/RoBERTa checkpoint split into experts",
+    "slim": "keep the B most used experts per layer for fine-tuning",
+    "finetune": "fine-tune a slim or converted model on a downstream task",
+    "distill": "distil a fine-tuned SST-2 teacher into a single-expert student",
+    "report": "the paper's downstream tables and figure from a directory of runs",
 }
 
 
 def _add_module_command(commands, name: str) -> None:
-    module_name, summary = MODULE_COMMANDS[name]
-    module = importlib.import_module(f".{module_name}", __package__)
-    parser = commands.add_parser(name, help=summary, description=module.__doc__,
+    module = importlib.import_module(f".{name}", __package__)
+    parser = commands.add_parser(name, help=MODULE_COMMANDS[name], description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     parser.set_defaults(run=module.run)

@@ -76,7 +76,7 @@ def batches(examples: list, batch_size: int, generator: torch.Generator):
 
 def set_k(model: TaskModel, k: int | None) -> int | None:
     """Top-k of every MoE layer set to ``k`` (default: as loaded); None for a dense model."""
-    from .evaluate import moe_layers_of, top_k_of
+    from .evaluate import moe_layers_of, set_top_k, top_k_of
 
     layers = moe_layers_of(model)
     if not layers or k is None:
@@ -84,8 +84,7 @@ def set_k(model: TaskModel, k: int | None) -> int | None:
     experts = layers[0].num_experts
     if not 1 <= k <= experts:
         raise ValueError(f"--k {k} must be between 1 and the model's {experts} experts")
-    for layer in layers:
-        layer.set_top_k(k)
+    set_top_k(model, k)
     return k
 
 
