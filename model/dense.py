@@ -100,7 +100,9 @@ class DropBlock1d(nn.Module):
         starts = F.pad(starts.reshape(-1, 1, starts.shape[-1]), (size - 1, size - 1))
         dropped = F.max_pool1d(starts, kernel_size=size, stride=1).reshape(h.shape)
         keep = 1.0 - dropped
-        return h * keep * (keep.numel() / keep.sum().clamp_min(1.0))
+        # Counted in fp32: an fp16 sum saturates at 65504 kept units (inf, so a scale of 0).
+        scale = keep.numel() / keep.sum(dtype=torch.float32).clamp_min(1.0)
+        return h * keep * scale.to(h.dtype)
 
 
 class DenseFFN(nn.Module):

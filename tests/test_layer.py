@@ -131,6 +131,21 @@ def test_frozen_router_is_outside_the_optimizer_and_never_changes():
     assert not torch.equal(expert_before, model.local_experts[0].fc1.weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frozen_router_stays_fp32_when_the_model_is_cast(dtype):
+    """Engines cast the module to bf16/fp16; the frozen router must keep routing as in fp32."""
+    model = SMoE(replace(CFG, k=2))
+    x, _ = batch(0)
+    fp32_routes = model.router(x)
+    weight = model.router.proj.weight.clone()
+    model.to(dtype)
+    assert model.router.proj.weight.dtype == torch.float32 and torch.equal(model.router.proj.weight, weight)
+    assert model.local_experts[0].fc1.weight.dtype == dtype  # the experts are cast
+    assert torch.equal(model.router(x.to(dtype).float()).expert_ids_TK,
+                       model.router(x.to(dtype)).expert_ids_TK)
+    assert torch.equal(model.router(x).expert_ids_TK, fp32_routes.expert_ids_TK)
+
+
 def test_router_survives_save_and_load():
     model = SMoE(replace(CFG, seed=9))
     fresh = SMoE(replace(CFG, seed=1))
@@ -202,6 +217,14 @@ def test_dropblock_drops_contiguous_blocks_at_about_the_rate():
     runs = [len(r) for row in dropped.int().tolist() for r in "".join(map(str, row)).split("0") if r]
     assert min(runs) >= 8  # no dropped run shorter than a block
     assert out[~dropped].mean().item() == pytest.approx(1 / (1 - dropped.float().mean().item()), rel=1e-4)
+
+
+def test_dropblock_keeps_the_expectation_in_fp16_at_bert_size():
+    # 8 x 128 tokens x 6144 units: far more kept units than fp16 can count (65504).
+    torch.manual_seed(0)
+    out = DropBlock1d(p=0.1, block_size=64).train()(torch.ones(8, 128, 6144, dtype=torch.float16))
+    assert out.dtype == torch.float16
+    assert out.float().mean().item() == pytest.approx(1.0, abs=0.01)
 
 
 def test_bad_dense_config_is_a_clear_error():
