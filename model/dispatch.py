@@ -51,12 +51,10 @@ class Assignments:
     counts_N: torch.Tensor  # assignments per expert
 
     @classmethod
-    def sort(cls, routes: Routes, num_experts: int) -> "Assignments":
+    def sort(cls, routes: Routes) -> "Assignments":
         top_k = routes.expert_ids_TK.shape[1]
-        expert_A = routes.expert_ids_TK.reshape(-1)
-        order_A = expert_A.argsort(stable=True)
-        return cls(order_A // top_k, routes.weights_TK.reshape(-1)[order_A],
-                   torch.bincount(expert_A, minlength=num_experts))
+        order_A = routes.expert_ids_TK.reshape(-1).argsort(stable=True)
+        return cls(order_A // top_k, routes.weights_TK.reshape(-1)[order_A], routes.counts_N)
 
     def combine(self, y_AD: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Weight each expert output and sum it into its token."""
@@ -65,13 +63,15 @@ class Assignments:
 
 
 def run_experts(experts, x_AD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Expert i runs on the i-th run of ``counts[i]`` rows (rows sorted by expert)."""
+    """Expert i runs on the i-th run of ``counts[i]`` rows (rows sorted by expert).
+
+    The split sizes are read back to the host: the one sync of the sorted path."""
     chunks = x_AD.split(counts.tolist())
     return torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)])
 
 
 def sorted_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
-    assignments = Assignments.sort(routes, len(experts))
+    assignments = Assignments.sort(routes)
     y_AD = run_experts(experts, x_TD[assignments.token_A], assignments.counts_N)
     return assignments.combine(y_AD, x_TD.shape[0])
 
@@ -81,16 +81,19 @@ def expert_parallel_combine(local_experts, x_TD: torch.Tensor, routes: Routes, n
     num_tokens, d_model = x_TD.shape
     ranks = dist.get_world_size(group=ep_group)
     local = num_experts // ranks
-    assignments = Assignments.sort(routes, num_experts)
+    assignments = Assignments.sort(routes)
     counts_N = assignments.counts_N
 
     gathered = [torch.empty_like(counts_N) for _ in range(ranks)]
     dist.all_gather(gathered, counts_N, group=ep_group)
-    counts_RL = torch.stack(gathered).view(ranks, ranks, local)[:, ep_rank]  # what each rank sends our experts
-    capacity = max(int(c.max()) for c in gathered)
+    counts_RN = torch.stack(gathered)
+    counts_RL = counts_RN.view(ranks, ranks, local)[:, ep_rank]  # what each rank sends our experts
+    # The one read-back of this path: the capacity and the rows of each block we receive.
+    capacity, *rows_B = torch.cat([counts_RN.max().reshape(1), counts_RL.reshape(-1)]).tolist()
 
     # Slot s of the (N, C) send buffer holds token token_S[s]; padding slots read a zero row (index T).
-    expert_A = torch.repeat_interleave(torch.arange(num_experts, device=x_TD.device), counts_N)
+    expert_A = torch.repeat_interleave(torch.arange(num_experts, device=x_TD.device), counts_N,
+                                       output_size=assignments.token_A.numel())
     first_N = counts_N.cumsum(0) - counts_N
     slot_A = expert_A * capacity + torch.arange(expert_A.numel(), device=x_TD.device) - first_N[expert_A]
     token_S = torch.full((num_experts * capacity,), num_tokens, device=x_TD.device).index_copy(
@@ -100,7 +103,6 @@ def expert_parallel_combine(local_experts, x_TD: torch.Tensor, routes: Routes, n
 
     # Each local expert runs on the real rows of each rank's block, never on the padding. One
     # split (not a slice per block, whose backward would each build a full-size gradient).
-    rows_B = counts_RL.reshape(-1).tolist()
     pieces = received.split([n for rows in rows_B for n in (rows, capacity - rows)])
     blocks = []
     for b, rows in enumerate(rows_B):

@@ -105,7 +105,7 @@ class ExpertDispatcher(MOELayer):
         x_TD = x.reshape(-1, x.shape[-1])
         routes = self.gate(x_TD, None if token_ids is None else token_ids.reshape(-1))
         self.l_aux = routes.aux_loss
-        self.exp_counts = torch.bincount(routes.expert_ids_TK.reshape(-1), minlength=self.num_experts)
+        self.exp_counts = routes.counts_N
         experts = list(self.experts.deepspeed_experts)
         path = self.path()
         if path == "expert-parallel":

@@ -23,6 +23,14 @@ class Routes:
     expert_ids_TK: torch.Tensor  # long, distinct experts per token
     weights_TK: torch.Tensor  # fp32, each row sums to 1
     aux_loss: torch.Tensor  # fp32 scalar, already multiplied by its coefficients (0 if the router has none)
+    counts_N: torch.Tensor  # long: assignments per expert, counted once for dispatch, logging and balance
+
+
+def assignment_counts(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(token, expert) assignments per expert, on the tokens' device. A scatter-add rather than
+    ``bincount``, which on CUDA reads the largest id back to the host (a sync per call)."""
+    ids_A = expert_ids_TK.reshape(-1)
+    return ids_A.new_zeros(num_experts).scatter_add_(0, ids_A, torch.ones_like(ids_A))
 
 
 def _seeded_normal_(tensor: torch.Tensor, std: float, seed: int) -> None:
@@ -54,8 +62,13 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self._k}"
 
-    def _no_aux(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return x_TD.new_zeros((), dtype=torch.float32)
+    def _routes(self, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, aux_loss: torch.Tensor | None = None,
+                counts_N: torch.Tensor | None = None) -> Routes:
+        if aux_loss is None:
+            aux_loss = weights_TK.new_zeros(())
+        if counts_N is None:
+            counts_N = assignment_counts(expert_ids_TK, self.num_experts)
+        return Routes(expert_ids_TK, weights_TK, aux_loss, counts_N)
 
 
 class RandomFrozenRouter(Router):
@@ -65,6 +78,9 @@ class RandomFrozenRouter(Router):
     every k (k = 1 gives weight 1): the output scale does not jump when k grows.
     The projection is a frozen parameter (saved in checkpoints, skipped by the
     optimizer) drawn from ``seed``, so it is identical on every rank by construction.
+    It stays fp32 when the model is cast (DeepSpeed's bf16/fp16 engines call
+    ``module.bfloat16()``/``half()``): rounded weights would pick other experts than the
+    fp32 model that `smoe eval` runs, so routes would depend on the training precision.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int, seed: int, std: float = 0.02):
@@ -74,10 +90,18 @@ class RandomFrozenRouter(Router):
         nn.init.zeros_(self.proj.bias)
         self.proj.requires_grad_(False)
 
+    def _apply(self, fn, recurse=True):
+        """Follow the module's moves between devices, never its dtype casts."""
+        fp32 = [p.data for p in self.proj.parameters()]
+        super()._apply(fn, recurse)
+        for p, original in zip(self.proj.parameters(), fp32):
+            p.data = original.to(p.device)
+        return self
+
     def forward(self, x_TD, token_ids_T=None) -> Routes:
-        logits_TN = F.linear(x_TD.float(), self.proj.weight.float(), self.proj.bias.float())
+        logits_TN = F.linear(x_TD.float(), self.proj.weight, self.proj.bias)
         top_logits_TK, expert_ids_TK = logits_TN.topk(self._k, dim=-1)
-        return Routes(expert_ids_TK, top_logits_TK.softmax(dim=-1), self._no_aux(x_TD))
+        return self._routes(expert_ids_TK, top_logits_TK.softmax(dim=-1))
 
 
 class LearnedRouter(Router):
@@ -99,18 +123,18 @@ class LearnedRouter(Router):
     def forward(self, x_TD, token_ids_T=None) -> Routes:
         logits_TN = F.linear(x_TD.float(), self.proj.weight.float())
         top_logits_TK, expert_ids_TK = logits_TN.topk(self._k, dim=-1)
-        aux = self.balance_coef * balance_loss(logits_TN.softmax(dim=-1), expert_ids_TK)
+        counts_N = assignment_counts(expert_ids_TK, self.num_experts)
+        aux = self.balance_coef * balance_loss(logits_TN.softmax(dim=-1), counts_N)
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * logits_TN.logsumexp(dim=-1).square().mean()
-        return Routes(expert_ids_TK, top_logits_TK.softmax(dim=-1), aux)
+        return self._routes(expert_ids_TK, top_logits_TK.softmax(dim=-1), aux, counts_N)
 
 
-def balance_loss(probs_TN: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
-    """``N * sum_i f_i * P_i`` (Switch Transformer), f_i over all T*K assignments."""
-    num_experts = probs_TN.shape[-1]
-    counts_N = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
-    f_N = counts_N.float() / expert_ids_TK.numel()
-    return num_experts * (f_N * probs_TN.mean(dim=0)).sum()
+def balance_loss(probs_TN: torch.Tensor, counts_N: torch.Tensor) -> torch.Tensor:
+    """``N * sum_i f_i * P_i`` (Switch Transformer), f_i the share of all T*K assignments
+    (``counts_N``, from :func:`assignment_counts`) that went to expert i."""
+    f_N = counts_N.float() / counts_N.sum()
+    return probs_TN.shape[-1] * (f_N * probs_TN.mean(dim=0)).sum()
 
 
 class HashRouter(Router):
@@ -135,25 +159,36 @@ class HashRouter(Router):
                              "pass one id per token")
         expert_ids_TK = self.table[token_ids_T, :self._k]
         weights_TK = x_TD.new_full(expert_ids_TK.shape, 1.0 / self._k, dtype=torch.float32)
-        return Routes(expert_ids_TK, weights_TK, self._no_aux(x_TD))
+        return self._routes(expert_ids_TK, weights_TK)
 
 
 class RandomRouter(Router):
     """A fresh uniform choice of k distinct experts per token at every forward, equal weights.
 
     Draws come from the router's own generator (seeded per rank), so a run is
-    reproducible and independent of the global RNG.
+    reproducible and independent of the global RNG. The generator lives on the
+    module's device (re-made from the seed when the module moves), so the draws are
+    made where the tokens are, with no copy per forward; its state is checkpointed.
     """
 
     def __init__(self, num_experts: int, k: int, seed: int):
         super().__init__(num_experts, k)
+        self.seed = seed
+        self.register_buffer("_device", torch.empty(0), persistent=False)  # where the module lives
         self.generator = torch.Generator().manual_seed(seed)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.generator.device != self._device.device:
+            self.generator = torch.Generator(self._device.device).manual_seed(self.seed)
+        return self
+
     def forward(self, x_TD, token_ids_T=None) -> Routes:
-        scores_TN = torch.rand(x_TD.shape[0], self.num_experts, generator=self.generator)
-        expert_ids_TK = scores_TN.topk(self._k, dim=-1).indices.to(x_TD.device)
+        scores_TN = torch.rand(x_TD.shape[0], self.num_experts, generator=self.generator,
+                               device=self.generator.device)
+        expert_ids_TK = scores_TN.topk(self._k, dim=-1).indices
         weights_TK = x_TD.new_full(expert_ids_TK.shape, 1.0 / self._k, dtype=torch.float32)
-        return Routes(expert_ids_TK, weights_TK, self._no_aux(x_TD))
+        return self._routes(expert_ids_TK, weights_TK)
 
 
 class ThorRouter(RandomRouter):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from smoe.routing import ROUTERS, balance_loss, build_router
+from smoe.routing import ROUTERS, assignment_counts, balance_loss, build_router
 
 D, N, VOCAB = 24, 16, 100
 
@@ -113,9 +113,10 @@ def test_balance_loss_on_a_hand_computed_case():
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
     ids = torch.tensor([[0], [0], [0], [1]])
     # f = (3/4, 1/4), P = (0.65, 0.35): 2 * (0.75 * 0.65 + 0.25 * 0.35) = 1.15
-    assert balance_loss(probs, ids).item() == pytest.approx(1.15)
+    assert balance_loss(probs, assignment_counts(ids, 2)).item() == pytest.approx(1.15)
     # perfectly balanced routing with uniform probabilities gives exactly 1
-    assert balance_loss(torch.full((4, 2), 0.5), torch.tensor([[0], [1], [0], [1]])).item() == pytest.approx(1.0)
+    balanced = assignment_counts(torch.tensor([[0], [1], [0], [1]]), 2)
+    assert balance_loss(torch.full((4, 2), 0.5), balanced).item() == pytest.approx(1.0)
 
 
 def test_learned_router_aux_loss_uses_its_coefficients_and_trains():
@@ -123,7 +124,7 @@ def test_learned_router_aux_loss_uses_its_coefficients_and_trains():
     x, _ = tokens()
     routes = router(x)
     logits = x @ router.proj.weight.T
-    expected = 0.5 * balance_loss(logits.softmax(-1), routes.expert_ids_TK) + 0.1 * logits.logsumexp(-1).square().mean()
+    expected = 0.5 * balance_loss(logits.softmax(-1), routes.counts_N) + 0.1 * logits.logsumexp(-1).square().mean()
     assert routes.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     routes.aux_loss.backward()
     assert router.proj.weight.grad is not None and router.proj.weight.grad.abs().sum() > 0
