@@ -71,36 +71,49 @@ class Router(nn.Module):
         return Routes(expert_ids_TK, weights_TK, aux_loss, counts_N)
 
 
+class FrozenProjection(nn.Module):
+    """``Linear(D, N)`` whose weight and bias are fp32 buffers: never trained and never cast.
+
+    Buffers, because DeepSpeed's bf16/fp16 engines cast every *parameter* to the training
+    dtype; ``_apply`` keeps them fp32 through ``module.half()`` or ``.to(dtype)`` as well.
+    Rounded weights would pick other experts than the fp32 model `smoe eval` runs, so the
+    routes would depend on the precision the model was trained in.
+    """
+
+    def __init__(self, d_in: int, d_out: int, std: float, seed: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(d_out, d_in))
+        self.register_buffer("bias", torch.zeros(d_out))
+        _seeded_normal_(self.weight, std, seed)
+
+    def _apply(self, fn, recurse=True):
+        """Follow the module's moves between devices, never its dtype casts."""
+        fp32 = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, original in fp32.items():
+            self._buffers[name] = original.to(self._buffers[name].device)
+        return self
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_TD.float(), self.weight, self.bias)
+
+
 class RandomFrozenRouter(Router):
     """SMoE-Dropout's router: a random Linear(D, N) that is never trained.
 
     Weights are the softmax over the k selected logits only, so they sum to 1 for
     every k (k = 1 gives weight 1): the output scale does not jump when k grows.
-    The projection is a frozen parameter (saved in checkpoints, skipped by the
-    optimizer) drawn from ``seed``, so it is identical on every rank by construction.
-    It stays fp32 when the model is cast (DeepSpeed's bf16/fp16 engines call
-    ``module.bfloat16()``/``half()``): rounded weights would pick other experts than the
-    fp32 model that `smoe eval` runs, so routes would depend on the training precision.
+    The projection (:class:`FrozenProjection`: saved in checkpoints, outside the
+    optimizer, always fp32) is drawn from ``seed``, so it is identical on every rank by
+    construction.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int, seed: int, std: float = 0.02):
         super().__init__(num_experts, k)
-        self.proj = nn.Linear(d_model, num_experts, bias=True)
-        _seeded_normal_(self.proj.weight, std, seed)
-        nn.init.zeros_(self.proj.bias)
-        self.proj.requires_grad_(False)
-
-    def _apply(self, fn, recurse=True):
-        """Follow the module's moves between devices, never its dtype casts."""
-        fp32 = [p.data for p in self.proj.parameters()]
-        super()._apply(fn, recurse)
-        for p, original in zip(self.proj.parameters(), fp32):
-            p.data = original.to(p.device)
-        return self
+        self.proj = FrozenProjection(d_model, num_experts, std, seed)
 
     def forward(self, x_TD, token_ids_T=None) -> Routes:
-        logits_TN = F.linear(x_TD.float(), self.proj.weight, self.proj.bias)
-        top_logits_TK, expert_ids_TK = logits_TN.topk(self._k, dim=-1)
+        top_logits_TK, expert_ids_TK = self.proj(x_TD).topk(self._k, dim=-1)
         return self._routes(expert_ids_TK, top_logits_TK.softmax(dim=-1))
 
 
