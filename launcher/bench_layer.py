@@ -4,10 +4,13 @@ Methods at each k: ``dense`` (the MLP being replaced, re-timed at the start of e
 k group because this machine is noisy), ``deepspeed`` (stock
 ``deepspeed.moe.layer.MoE``, dropless, same k) and ``smoe`` (ours, frozen random
 router, automatic dispatch). Every time is a ratio to the dense time of its group.
-Memory: one forward+backward per configuration in a fresh process, peak resident
-memory above that process's resident memory just before it. ``--ep`` adds the cost of
-expert parallelism: two gloo ranks with ep_size=2 against the same two ranks with
-ep_size=1 (pure data parallel).
+``--device``/``--dtype`` pick where and in what precision the layers run (both routers
+compute in fp32 whatever the dtype); a GPU is timed with CUDA events.
+Memory: one forward+backward per configuration; on the CPU in a fresh process, peak
+resident memory above that process's resident memory just before it; on a GPU, after a
+warm-up pass, the allocator's peak above what was allocated just before it. ``--ep`` adds the cost of
+expert parallelism on the CPU: two gloo ranks with ep_size=2 against the same two ranks
+with ep_size=1 (pure data parallel).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ SIZES = {  # name: (d_model, d_ff); tiny is for smoke tests
     "tiny": (32, 256),
 }
 METHODS = ("dense", "deepspeed", "smoe")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -40,11 +44,15 @@ class Setup:
     threads: int = 2
     seed: int = 0
     dispatch: str = "auto"  # our dispatch path; auto picks by k
+    device: str = "cpu"
+    dtype: str = "fp32"  # a key of DTYPES
 
 
 @dataclass
 class Record:
     size: str
+    device: str
+    dtype: str
     method: str
     k: int
     median_ms: float
@@ -56,7 +64,9 @@ class Record:
 
 
 def build_layer(setup: Setup, method: str, k: int, ep_size: int = 1, ep_rank: int = 0, rank: int = 0):
-    """The module for ``method`` and a callable doing one forward returning the output tensor."""
+    """The module for ``method`` on the setup's device and dtype, and a callable doing one forward returning the
+    output tensor. Both MoE gates stay fp32 inside: DeepSpeed's TopKGate casts its input and weight, ours keeps
+    its weight fp32 through casts."""
     from deepspeed.moe.layer import MoE
 
     from smoe.model import MLP, MoEConfig, SMoE
@@ -65,20 +75,37 @@ def build_layer(setup: Setup, method: str, k: int, ep_size: int = 1, ep_rank: in
     torch.manual_seed(setup.seed)
     if method == "dense":
         layer = MLP(d_model, d_ff, "relu", setup.dropout)
-        return layer, layer
-    if method == "deepspeed":
+    elif method == "deepspeed":
         expert = MLP(d_model, d_ff // setup.num_experts, "relu", setup.dropout)
         layer = MoE(d_model, expert, num_experts=setup.num_experts, k=k, drop_tokens=False, use_rts=False)
-        return layer, lambda x: layer(x)[0]
-    config = MoEConfig(d_model, d_ff, setup.num_experts, k, ep_size=ep_size, dropout=setup.dropout, seed=setup.seed,
-                       dispatch=setup.dispatch)
-    layer = SMoE(config, ep_rank=ep_rank, rank=rank)
-    return layer, lambda x: layer(x)[0]
+    else:
+        config = MoEConfig(d_model, d_ff, setup.num_experts, k, ep_size=ep_size, dropout=setup.dropout,
+                           seed=setup.seed, dispatch=setup.dispatch)
+        layer = SMoE(config, ep_rank=ep_rank, rank=rank)
+    layer.to(setup.device, DTYPES[setup.dtype])
+    return layer, (layer if method == "dense" else lambda x: layer(x)[0])
 
 
 def forward_backward(layer, forward, x, grad) -> None:
     layer.zero_grad(set_to_none=True)
     forward(x).backward(grad)
+
+
+def _now(cuda: bool):
+    """A point in time: on a GPU a CUDA event recorded on the stream (kernels run asynchronously, so a host clock
+    would time their launch), on the CPU perf_counter."""
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _ms_between(start, end) -> float:
+    if isinstance(start, float):
+        return (end - start) * 1e3
+    torch.cuda.synchronize()  # both events have completed
+    return start.elapsed_time(end)
 
 
 def time_ms(layer, forward, x, grad, repeats: int, barrier=None) -> list[float]:
@@ -87,17 +114,19 @@ def time_ms(layer, forward, x, grad, repeats: int, barrier=None) -> list[float]:
     for _ in range(repeats):
         if barrier:
             barrier()
-        start = time.perf_counter()
+        start = _now(x.is_cuda)
         forward_backward(layer, forward, x, grad)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append(_ms_between(start, _now(x.is_cuda)))
     return times
 
 
 def inputs(setup: Setup, rank: int = 0):
+    """The input and output gradient, drawn on the CPU so that every device and dtype gets the same values."""
     generator = torch.Generator().manual_seed(setup.seed + rank)
     d_model = SIZES[setup.size][0]
-    x = torch.randn(setup.tokens, d_model, generator=generator).requires_grad_()
-    return x, torch.randn(setup.tokens, d_model, generator=generator)
+    x, grad = (torch.randn(setup.tokens, d_model, generator=generator).to(setup.device, DTYPES[setup.dtype])
+               for _ in range(2))
+    return x.requires_grad_(), grad
 
 
 def _rss_kb(field: str) -> int:
@@ -106,15 +135,29 @@ def _rss_kb(field: str) -> int:
 
 
 def probe_memory(setup: Setup, method: str, k: int) -> float:
-    """MB of peak resident memory one forward+backward adds (run in a fresh process)."""
+    """MB of peak memory one forward+backward adds: on a GPU the allocator's peak above what is allocated before
+    it; on the CPU peak resident memory, run in a fresh process so that nothing else has grown it."""
     torch.set_num_threads(setup.threads)
     layer, forward = build_layer(setup, method, k)
     x, grad = inputs(setup)
+    if x.is_cuda:
+        forward_backward(layer, forward, x, grad)  # the first matmuls allocate cuBLAS's workspace: not the layer's
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        forward_backward(layer, forward, x, grad)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current resident size
     before = _rss_kb("VmRSS:")
     forward_backward(layer, forward, x, grad)
     return (_rss_kb("VmHWM:") - before) / 1024
+
+
+def memory_mb(setup: Setup, method: str, k: int) -> float:
+    """probe_memory in this process on a GPU (the allocator counts only tensors), in a fresh one on the CPU."""
+    return probe_memory(setup, method, k) if setup.device == "cuda" else memory_in_fresh_process(setup, method, k)
 
 
 def memory_in_fresh_process(setup: Setup, method: str, k: int) -> float:
@@ -126,15 +169,16 @@ def memory_in_fresh_process(setup: Setup, method: str, k: int) -> float:
 
 def _record(setup, method, k, times, dense_median, peak_mb=None, path=None) -> Record:
     median = statistics.median(times)
-    return Record(setup.size, method, k, round(median, 2), round(min(times), 2), round(max(times), 2),
-                  round(median / dense_median, 3), peak_mb if peak_mb is None else round(peak_mb, 1), path)
+    return Record(setup.size, setup.device, setup.dtype, method, k, round(median, 2), round(min(times), 2),
+                  round(max(times), 2), round(median / dense_median, 3),
+                  peak_mb if peak_mb is None else round(peak_mb, 1), path)
 
 
 def bench_size(setup: Setup, ks, repeats: int, memory: bool, log=print) -> list[Record]:
     torch.set_num_threads(setup.threads)
     x, grad = inputs(setup)
     records = []
-    dense_peak = memory_in_fresh_process(setup, "dense", 1) if memory else None
+    dense_peak = memory_mb(setup, "dense", 1) if memory else None
     for k in ks:
         dense_times = time_ms(*build_layer(setup, "dense", k), x, grad, repeats)
         dense_median = statistics.median(dense_times)
@@ -142,7 +186,7 @@ def bench_size(setup: Setup, ks, repeats: int, memory: bool, log=print) -> list[
         for method in ("deepspeed", "smoe"):
             layer, forward = build_layer(setup, method, k)
             times = time_ms(layer, forward, x, grad, repeats)
-            peak = memory_in_fresh_process(setup, method, k) if memory else None
+            peak = memory_mb(setup, method, k) if memory else None
             path = layer.deepspeed_moe.path() if method == "smoe" else None
             records.append(_record(setup, method, k, times, dense_median, peak, path))
         log(format_rows(records[-3:]))
@@ -198,15 +242,31 @@ def format_rows(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
+def check_device(args) -> None:
+    """Refuse up front what would fail or mislead halfway through a run."""
+    if args.device == "cpu" and args.dtype == "fp16":
+        # It runs, but CPU fp16 matmuls take a slow generic kernel (65x fp32 on an EPYC): it would time that.
+        raise ValueError("--dtype fp16 needs --device cuda; use bf16 or fp32 on CPU")
+    if args.device == "cuda" and args.ep:
+        raise ValueError("--ep measures two gloo ranks on the CPU only (expert parallelism on GPUs needs NCCL on "
+                         ">=2 GPUs, which this benchmark does not run); drop --ep or use --device cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device; use --device cpu")
+
+
 def run(args) -> None:
+    check_device(args)
     ks = [int(k) for k in args.ks.split(",")]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     records = []
     for size in args.sizes.split(","):
         if size not in SIZES:
             raise ValueError(f"--sizes: '{size}' is unknown, use any of {', '.join(SIZES)}")
-        setup = Setup(size, args.tokens, args.experts, args.dropout, args.threads, dispatch=args.dispatch)
+        setup = Setup(size, args.tokens, args.experts, args.dropout, args.threads, dispatch=args.dispatch,
+                      device=args.device, dtype=args.dtype)
         print(f"== {size}: d_model={SIZES[size][0]} d_ff={SIZES[size][1]} N={args.experts} "
-              f"tokens={args.tokens} dropout={args.dropout} threads={args.threads} fp32", flush=True)
+              f"tokens={args.tokens} dropout={args.dropout} threads={args.threads} {device_name} {args.dtype}",
+              flush=True)
         records += bench_size(setup, ks, args.repeats, memory=not args.no_memory,
                               log=lambda s: print(s, flush=True))
         if args.ep:
@@ -228,8 +288,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--dispatch", default="auto", choices=("auto", "sorted", "masked-dense", "reference"),
                         help="force one of our dispatch paths (default: auto, chosen by k)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory probes")
-    parser.add_argument("--ep", action="store_true", help="also time ep_size=2 against ep_size=1 on two gloo ranks")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the layers run (default: cuda when torch sees a GPU, else cpu)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="parameters, inputs and gradients (default fp32; fp16 needs --device cuda)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--ep", action="store_true",
+                        help="also time ep_size=2 against ep_size=1 on two gloo ranks (--device cpu only)")
     parser.add_argument("--json", metavar="FILE", help="write the records as a JSON list")
 
 
