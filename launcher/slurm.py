@@ -3,13 +3,22 @@
 srun starts every task itself, so there is no launcher to set ``RANK`` and friends;
 each task derives them from the ``SLURM_*`` variables of its job step. All tasks must
 agree on the rendezvous without talking: the first host of the step's node list is
-the master, and the port comes from the job id unless ``MASTER_PORT`` is set.
+the master, and the port comes from the job id unless ``MASTER_PORT`` is set. The port
+is kept in 10000-29999, below Linux's ephemeral range (32768-60999 by default,
+``/proc/sys/net/ipv4/ip_local_port_range``), where an outgoing connection could hold it.
+
+``LOCAL_RANK`` is the GPU the rank uses (DeepSpeed calls ``set_device(LOCAL_RANK)``), so
+it must index the devices *this task* sees, not the node's: with ``srun --gpus-per-task=1``
+or a site's GPU binding, Slurm narrows ``CUDA_VISIBLE_DEVICES`` per task and task 5 sees
+one device, number 0. ``SLURM_LOCALID`` is kept while it is below the number of devices
+the task sees (all of the node's when the variable is unset), and taken modulo it otherwise.
 (Multi-node jobs that use DeepSpeed's own launcher instead, one srun task per node,
 are in ``slurm/multinode.sbatch``.)
 """
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 from collections.abc import Callable, Mapping
 
@@ -37,11 +46,11 @@ def rank_env(env: Mapping[str, str], resolve_first_host: Callable[[str], str] = 
     tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"])
     return {
         "RANK": env["SLURM_PROCID"],
-        "LOCAL_RANK": env["SLURM_LOCALID"],
+        "LOCAL_RANK": _local_rank(int(env["SLURM_LOCALID"]), env.get("CUDA_VISIBLE_DEVICES")),
         "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
         "LOCAL_WORLD_SIZE": _tasks_on_this_node(tasks_per_node, int(env.get("SLURM_NODEID", 0))),
         "MASTER_ADDR": env.get("MASTER_ADDR") or resolve_first_host(env["SLURM_STEP_NODELIST"]),
-        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(10000 + int(env.get("SLURM_JOB_ID", 0)) % 20000),
     }
 
 
@@ -52,3 +61,11 @@ def _tasks_on_this_node(tasks_per_node: str, node_id: int) -> str:
         count, _, repeat = part.partition("(x")
         counts += [count] * int(repeat.rstrip(")") or 1)
     return counts[node_id]
+
+
+def _local_rank(local_id: int, visible_devices: str | None) -> str:
+    """This task's index into the GPUs it can see (``local_id`` itself when it sees them all).
+    CUDA stops at the first invalid entry, so ``""`` or ``"-1"`` is none: a CPU run, id kept."""
+    devices = (visible_devices or "").split(",")
+    visible = len(list(itertools.takewhile(lambda device: device.strip() not in ("", "-1"), devices)))
+    return str(local_id % visible if visible else local_id)

@@ -66,12 +66,27 @@ def test_slurm_task_variables_map_to_torch_ranks():
     hosts = {"gpu[07-08]": "gpu07", "a100-[3,5]": "a100-3"}
     env = rank_env(step_env(), hosts.get)
     assert env == {"RANK": "13", "LOCAL_RANK": "5", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
-                   "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 4242)}
+                   "MASTER_ADDR": "gpu07", "MASTER_PORT": str(10000 + 4242)}
     uneven = rank_env(step_env(SLURM_PROCID="16", SLURM_LOCALID="0", SLURM_NODEID="2", SLURM_STEP_NUM_TASKS="20",
                                SLURM_STEP_TASKS_PER_NODE="8(x2),4", SLURM_STEP_NODELIST="a100-[3,5]"), hosts.get)
     assert (uneven["LOCAL_WORLD_SIZE"], uneven["MASTER_ADDR"], uneven["WORLD_SIZE"]) == ("4", "a100-3", "20")
     pinned = rank_env(step_env(MASTER_ADDR="10.0.0.1", MASTER_PORT="6000"), hosts.get)
     assert (pinned["MASTER_ADDR"], pinned["MASTER_PORT"]) == ("10.0.0.1", "6000")
+
+
+@pytest.mark.parametrize("visible, local_id, local_rank", [
+    ("3", "3", "0"),  # srun --gpus-per-task=1: the fourth task sees its one GPU as device 0
+    ("0,1,2,3,4,5,6,7", "5", "5"),  # every task sees the node's GPUs
+    ("2,3", "3", "1"),  # two per task
+    ("GPU-5e2f7a4c", "6", "0"),  # bound by UUID
+    (None, "5", "5"),  # unset: all the node's GPUs
+    ("", "5", "5"), ("-1", "5", "5"),  # none: a CPU run
+])
+def test_slurm_local_rank_indexes_the_gpus_the_task_sees(visible, local_id, local_rank):
+    """DeepSpeed calls set_device(LOCAL_RANK), an index into this task's CUDA_VISIBLE_DEVICES."""
+    devices = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    env = rank_env(step_env(SLURM_LOCALID=local_id, **devices), {"gpu[07-08]": "gpu07"}.get)
+    assert env["LOCAL_RANK"] == local_rank
 
 
 def test_the_batch_shell_is_not_a_rank():

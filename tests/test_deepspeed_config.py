@@ -3,16 +3,46 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from smoe.launcher import deepspeed_config
 from smoe.launcher.build import engine_config
 from smoe.launcher.config import build_config
 
 
+def parsed_by_deepspeed(name: str):
+    """DeepSpeed's own reading of a packaged config, filled in for a run on one rank that fits its batch keys."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds, _ = deepspeed_config.load(name)
+    micro = ds.get("train_micro_batch_size_per_gpu", ds.get("train_batch_size", 1))
+    batch = ds.get("train_batch_size", micro)
+    run = build_config("paper", {"ds_config": name, "batch_size": batch, "grad_accum": batch // micro})
+    return DeepSpeedConfig(engine_config(run, 1, None))
+
+
 @pytest.mark.parametrize("name", deepspeed_config.packaged())
 def test_every_packaged_config_loads_and_is_supported_with_experts(name):
     ds, source = deepspeed_config.load(name)
     deepspeed_config.check_supported(ds, source, has_experts=True)
+    assert parsed_by_deepspeed(name).zero_optimization_stage == ds.get("zero_optimization", {}).get("stage", 0)
+
+
+def test_bf16_configs_for_many_ranks_reduce_and_accumulate_gradients_in_fp32():
+    """bf16 keeps 8 mantissa bits: gradients summed over 16-64 ranks in bf16 lose the small ones, so
+    configs for many ranks communicate in fp32 and keep the reduced partition in fp32. fp16 (10 bits)
+    reduces in fp16 under its loss scaler, DeepSpeed's usual practice (v100x8-bert-fp16); and a config
+    whose train_batch_size is its micro batch is for one rank, with nothing to reduce."""
+    def for_many_ranks_in_bf16(name):
+        ds, _ = deepspeed_config.load(name)
+        one_rank = ds.get("train_batch_size", 0) == ds.get("train_micro_batch_size_per_gpu")
+        return ds.get("bf16", {}).get("enabled") and not one_rank
+
+    names = [name for name in deepspeed_config.packaged() if for_many_ranks_in_bf16(name)]
+    assert "multinode-bf16" in names
+    for name in names:
+        parsed = parsed_by_deepspeed(name)
+        assert (parsed.communication_data_type, parsed.grad_accum_dtype) == (torch.float32, "fp32"), name
 
 
 def test_the_paper_setups_fit_their_configs():

@@ -74,15 +74,44 @@ def test_slurm_expands_the_first_host(slurm, monkeypatch):
     assert first_host("gpu[07-09,11],cpu1") == "gpu07"
 
 
-def test_multinode_rendezvous_and_hostfile_from_slurm_variables(slurm, tmp_path):
-    """common.sh as the multi-node script uses it, for a 3-node allocation."""
-    hostfile = tmp_path / "hostfile"
+def test_multinode_rendezvous_and_hostfile_from_slurm_variables(slurm, tmp_path, monkeypatch):
+    """common.sh as the multi-node script uses it, for a 3-node allocation: the same master and port
+    as srun tasks find (launcher/slurm.py), the port below Linux's ephemeral range (32768-60999)."""
+    from smoe.launcher.slurm import rank_env
+
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    hostfile, nodes = tmp_path / "hostfile", "node[09-10],gpu-a"
     script = (f"source {SLURM_DIR / 'common.sh'}; smoe_write_hostfile {hostfile} 8; "
               "echo $MASTER_ADDR:$MASTER_PORT")
-    env = {**slurm.env, "SLURM_JOB_ID": "31337", "SLURM_JOB_NODELIST": "node[09-10],gpu-a"}
-    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == f"node09:{20000 + 31337 % 20000}"
+    for job_id, port in [("31337", 21337), ("19999", 29999), ("20000", 10000)]:
+        env = {**slurm.env, "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": nodes}
+        result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True)
+        task = rank_env({"SLURM_JOB_ID": job_id, "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                         "SLURM_STEP_NUM_TASKS": "24", "SLURM_STEP_NODELIST": nodes})
+        assert result.stdout.strip() == f"{task['MASTER_ADDR']}:{task['MASTER_PORT']}" == f"node09:{port}"
     assert hostfile.read_text() == "node09 slots=8\nnode10 slots=8\ngpu-a slots=8\n"
+
+
+def test_multinode_deepspeed_launcher_is_one_task_per_node_with_its_cpus(slurm, tmp_path):
+    """LAUNCHER=deepspeed: one srun task per node holds the CPUs of the node's ranks (here 2 GPUs x 1 CPU).
+    A stand-in `deepspeed` prints what it got; the local node has no GPUs, so none are asked for."""
+    fake = tmp_path / "bin" / "deepspeed"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\necho "task $SLURM_PROCID of $SLURM_STEP_NUM_TASKS, $SLURM_CPUS_PER_TASK CPUs: $*"\n')
+    fake.chmod(0o755)
+    log = tmp_path / "job.out"
+    job = slurm.sbatch(SLURM_DIR / "multinode.sbatch", "--out", "runs/big",
+                       options=[f"--output={log}", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                                "--gpus-per-node=0"],
+                       env={"LAUNCHER": "deepspeed", "GPUS_PER_NODE": "2", "SMOE_SLURM_DIR": str(SLURM_DIR),
+                            "PATH": f"{fake.parent}:{slurm.env['PATH']}"})
+    assert slurm.wait(job, timeout=60) == "COMPLETED", log.read_text()
+    hostfile = slurm.root / f"hostfile-{job}"
+    assert log.read_text().splitlines() == [
+        f"task 0 of 1, 2 CPUs: --no_ssh --node_rank=0 --hostfile={hostfile} --num_gpus=2 --master_addr={slurm.host} "
+        f"--master_port={10000 + int(job) % 20000} --module smoe.launcher.cli train --auto-resume "
+        "ds_config=multinode-bf16 ep_size=8 --out runs/big"]
+    assert hostfile.read_text() == f"{slurm.host} slots=2\n"
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in SLURM_DIR.glob("*.sbatch")) + ["common.sh"])
