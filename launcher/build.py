@@ -43,13 +43,11 @@ def init_distributed() -> tuple[int, int]:
                                   MASTER_PORT=str(free_port()))
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False,
                                    distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+    # This rank's own GPU, before any tensor or communicator exists: otherwise every rank would
+    # start on cuda:0. (mpirun's LOCAL_RANK is only known once DeepSpeed has joined the group.)
+    # Afterwards the engine's `device` is the one source of truth.
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
-
-
-def device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
 
 
 def build_model(config: TrainConfig, rank: int = 0) -> TransformerXL:
@@ -58,24 +56,10 @@ def build_model(config: TrainConfig, rank: int = 0) -> TransformerXL:
 
 
 def engine_config(config: TrainConfig, world_size: int, tensorboard_dir: Path | None, training: bool = True) -> dict:
-    """The DeepSpeed JSON named by ``config.ds_config``, filled in with this run's batch layout,
-    clipping and TensorBoard monitor (written by rank 0 only). Evaluation has no training batch,
-    so it runs on any number of ranks, and it runs in fp32 on the saved (possibly bf16) weights."""
-    ds, source = deepspeed_config.load(config.ds_config)
-    deepspeed_config.check_supported(ds, source, has_experts=not get_method(config.method).dense)
-    if training:
-        layout = deepspeed_config.batch_layout(config.batch_size, config.grad_accum, world_size, ds, source)
-    else:  # fp32 weights and no optimizer: nothing for ZeRO or a mixed-precision wrapper to manage
-        layout = deepspeed_config.BatchLayout(world_size, 1, 1, world_size)
-        ds = {key: value for key, value in ds.items() if key not in ("fp16", "bf16", "zero_optimization")}
-    # A wrapped optimizer (fp16, bf16, ZeRO) clips inside DeepSpeed; a plain one is clipped by the loop,
-    # which also needs the norm for logging.
-    clip = config.clip if deepspeed_config.wraps_optimizer(ds) else 0.0
-    ds = {**ds, **layout.as_deepspeed(), "gradient_clipping": clip, "steps_per_print": 2**31 - 1}
-    if tensorboard_dir is not None:
-        ds["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir.parent),
-                             "job_name": tensorboard_dir.name}
-    return ds
+    """The run's DeepSpeed JSON (``config.ds_config``) filled in for its batch, clip and monitor."""
+    return deepspeed_config.engine_json(config.ds_config, config.batch_size, config.grad_accum, world_size,
+                                        clip=config.clip, has_experts=not get_method(config.method).dense,
+                                        tensorboard_dir=tensorboard_dir, training=training)
 
 
 def lr_multiplier(config: TrainConfig):

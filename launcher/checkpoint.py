@@ -29,7 +29,7 @@ from torch import nn
 
 from smoe.model.moe import ExpertDispatcher
 
-from . import reshard
+from . import deepspeed_config, reshard
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -57,7 +57,8 @@ def rank_state(engine, mems: list[torch.Tensor] | None) -> dict:
     model = engine.module
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # This rank's device only: a job resumed on a node where it sees fewer GPUs must still load it.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "generators": {name: g.get_state() for name, g in generators(model).items()},
@@ -67,14 +68,23 @@ def rank_state(engine, mems: list[torch.Tensor] | None) -> dict:
 
 
 def restore_rank_state(model: nn.Module, state: dict, device: torch.device) -> list[torch.Tensor] | None:
-    """Put the RNG states back and return the saved memory (on ``device``)."""
+    """Put the RNG states back and return the saved memory (on ``device``).
+
+    A state saved on another kind of device (a CPU run resumed on a GPU) does not fit; that
+    generator keeps its fresh seed."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # older checkpoints saved every visible device's state
+        index = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     for name, generator in generators(model).items():
-        generator.set_state(state["generators"][name])
+        saved = state["generators"][name]
+        if saved.numel() == generator.get_state().numel():
+            generator.set_state(saved)
     return None if state["mems"] is None else [m.to(device) for m in state["mems"]]
 
 
@@ -95,6 +105,16 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, mems, keep: int)
             shutil.rmtree(path, ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def saved_optimizer_kind(main_state: dict) -> str | None:
+    """The optimizer kind a checkpoint was written with (older ones: from their ds_config, None if gone)."""
+    if "optimizer_kind" in main_state:
+        return main_state["optimizer_kind"]
+    try:
+        return deepspeed_config.optimizer_kind(deepspeed_config.load(main_state["config"]["ds_config"])[0])
+    except ValueError:
+        return None
 
 
 def load(engine, ckpt_dir: Path, device: torch.device, ep_size: int, seed: int) -> tuple[dict, list | None]:
@@ -125,6 +145,15 @@ def load(engine, ckpt_dir: Path, device: torch.device, ep_size: int, seed: int) 
         if dist.get_rank() == 0:
             print("note: " + "; ".join(notes), flush=True)
         return main_state, mems
+    saved_kind, kind = saved_optimizer_kind(main_state), deepspeed_config.optimizer_kind(engine.config)
+    if saved_kind not in (None, kind):
+        reshard.load_weights(engine, tag_dir, main_state)
+        if dist.get_rank() == 0:
+            print(f"note: the checkpoint's optimizer is {saved_kind}, this run's is {kind}: weights, lr schedule, "
+                  "step and data position are loaded, the optimizer RESTARTS with zero moments (resume with the "
+                  f"saved ds_config={main_state['config']['ds_config']} to keep them)", flush=True)
+        state = torch.load(rank_files[dist.get_rank()], map_location="cpu", weights_only=False)
+        return main_state, restore_rank_state(engine.module, state, device)
     load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}: it is incomplete or corrupt; "

@@ -88,7 +88,8 @@ class TrainConfig:
     save_every: int = 4000
     keep_checkpoints: int = 2
     eval_ks: tuple[int, ...] = (1, 2, 4, 8, 16)  # the sweep printed at the end of training
-    ds_config: str = "cpu"
+    ds_config: str = ""  # a ds_configs/ name or a .json path; empty: the resumed run's own, else "cpu"
+    overflow_patience: int = 20  # fp16: non-finite losses in a row survived (DeepSpeed skips their updates)
 
     def __post_init__(self):
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
@@ -102,13 +103,13 @@ class TrainConfig:
         if self.masked_lm:
             check_block_fits(self.block_size, self.max_positions)
         positive = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "tgt_len", "eval_tgt_len", "num_experts",
-                    "batch_size", "grad_accum", "eval_batch_size", "block_size", "max_positions", "max_steps", "log_every", "eval_every", "save_every",
-                    "keep_checkpoints", "ep_size", "vocab_size")
+                    "batch_size", "grad_accum", "eval_batch_size", "block_size", "max_positions", "max_steps", "log_every",
+                    "eval_every", "save_every", "keep_checkpoints", "ep_size", "vocab_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
         for name in ("lr", "clip", "weight_decay", "mem_len", "eval_segments", "warmup_steps", "lr_min", "balance_coef",
-                     "z_loss_coef", "consistency_coef"):
+                     "z_loss_coef", "consistency_coef", "overflow_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must not be negative")
         if not method.dense:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 # JSON keys that this module owns: the run's batch fills them in.
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+DEFAULT = "cpu"  # what a new run uses when it names none (a resumed run keeps its own)
 
 
 def packaged() -> list[str]:
@@ -28,7 +29,8 @@ def packaged() -> list[str]:
 
 
 def load(name: str) -> tuple[dict, str]:
-    """The JSON for a packaged name or a path, and where it came from (for messages)."""
+    """The JSON for a packaged name or a path (empty: :data:`DEFAULT`), and where it came from (for messages)."""
+    name = name or DEFAULT
     path = Path(name) if name.endswith(".json") else files("smoe") / "ds_configs" / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"DeepSpeed config '{name}' not found ({path}): use a path to a .json file or one of "
@@ -85,6 +87,35 @@ def check_supported(ds: dict, source: str, has_experts: bool) -> None:
                          "group) or stage 1")
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ValueError(f"{source} enables both fp16 and bf16: enable one")
+
+
+def optimizer_kind(ds: dict) -> str:
+    """What DeepSpeed makes of the optimizer, e.g. "bf16, ZeRO stage 2". Its saved states load only
+    into an engine of the same kind (a plain fp32 optimizer's have other keys than a wrapped one's)."""
+    precision = next((name for name in ("fp16", "bf16") if ds.get(name, {}).get("enabled")), "fp32")
+    return f"{precision}, ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}"
+
+
+def engine_json(name: str, batch_size: int, grad_accum: int, world_size: int, *, clip: float, has_experts: bool,
+                tensorboard_dir: Path | None = None, training: bool = True) -> dict:
+    """The DeepSpeed JSON ``name``, filled in with a run's batch layout, clipping and TensorBoard
+    monitor. Evaluation has no training batch, so it runs on any number of ranks, and it runs in
+    fp32 on the saved (possibly bf16) weights."""
+    ds, source = load(name)
+    check_supported(ds, source, has_experts)
+    if training:
+        layout = batch_layout(batch_size, grad_accum, world_size, ds, source)
+    else:  # fp32 weights and no optimizer: nothing for ZeRO or a mixed-precision wrapper to manage
+        layout = BatchLayout(world_size, 1, 1, world_size)
+        ds = {key: value for key, value in ds.items() if key not in ("fp16", "bf16", "zero_optimization")}
+    # A wrapped optimizer (fp16, bf16, ZeRO) clips inside DeepSpeed; a plain one is clipped by the loop,
+    # which also needs the norm for logging.
+    ds = {**ds, **layout.as_deepspeed(), "gradient_clipping": clip if wraps_optimizer(ds) else 0.0,
+          "steps_per_print": 2**31 - 1}
+    if tensorboard_dir is not None:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir.parent),
+                             "job_name": tensorboard_dir.name}
+    return ds
 
 
 def wraps_optimizer(ds: dict) -> bool:

@@ -87,16 +87,22 @@ def split_mems(rank_states: list[dict], rank: int, world: int, device: torch.dev
     return [torch.cat(rows, dim=0).chunk(world, dim=0)[rank].to(device) for rows in layers]
 
 
+def load_weights(engine, tag_dir: Path, main_state: dict) -> None:
+    """The weights (experts by global id) and the lr schedule of ``tag_dir``, not the optimizer's states:
+    DeepSpeed refreshes a wrapped optimizer's fp32 master weights from them."""
+    engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_only=True,
+                           load_optimizer_states=False, load_lr_scheduler_states=False)
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(main_state["lr_scheduler"])
+
+
 def load_resharded(engine, tag_dir: Path, main_state: dict, rank_states: list[dict], device: torch.device,
                    ep_size: int, seed: int) -> tuple[list[torch.Tensor] | None, list[str]]:
     """Load ``tag_dir`` into an engine on another layout; returns this rank's memory and notes to print."""
     import deepspeed.comm as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_only=True,
-                           load_optimizer_states=False, load_lr_scheduler_states=False)
-    if engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(main_state["lr_scheduler"])
+    load_weights(engine, tag_dir, main_state)
     notes = [f"resharded from {main_state['world_size']} ranks (ep_size {main_state['config']['ep_size']}) to "
              f"{world} ranks (ep_size {ep_size})"]
     if move_optimizer(engine, tag_dir, rank_states, main_state["config"]["ep_size"]):

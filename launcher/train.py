@@ -13,6 +13,7 @@ The run directory holds ``config.json``, ``checkpoints/``, TensorBoard events in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -29,7 +30,7 @@ from smoe.routing import TopKSchedule
 from smoe.model.transformer_xl import lm_loss
 
 from . import checkpoint, deepspeed_config
-from .build import build_engine, build_model, device, init_distributed
+from .build import build_engine, build_model, init_distributed
 from .config import TrainConfig, check_resume_compatible
 from .run_dir import RunDir
 from .evaluate import (LN2, evaluate, flops_per_token, format_header, moe_layers_of, rows_to_json, set_top_k,
@@ -38,6 +39,38 @@ from .evaluate import (LN2, evaluate, flops_per_token, format_header, moe_layers
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class OverflowGuard:
+    """When a non-finite loss stops the run.
+
+    Under fp16, DeepSpeed's loss scaler skips the update of a step whose gradients overflow
+    and lowers the scale, so a transient non-finite loss (an fp16 forward overflow) is survived
+    the same way, up to ``patience`` steps in a row. In bf16 or fp32 nothing would recover:
+    the first non-finite loss stops the run."""
+
+    def __init__(self, ds: dict, patience: int):
+        self.loss_scaled = bool(ds.get("fp16", {}).get("enabled"))
+        self.patience = patience if self.loss_scaled else 0
+        self.in_a_row = 0
+
+    def check(self, ce: float, aux: float, step: int, k: int, ckpt_dir: Path) -> None:
+        if math.isfinite(ce) and math.isfinite(aux):
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.in_a_row > self.patience:
+            tag = checkpoint.latest_tag(ckpt_dir)
+            streak = f", {self.in_a_row} steps in a row (overflow_patience={self.patience})" if self.patience else ""
+            raise TrainingDiverged(f"loss is {ce} at step {step} (k={k}{streak}): training stopped. "
+                                   f"The last good checkpoint is {tag or 'none'} in {ckpt_dir}; "
+                                   "lower lr or clip and continue with --resume")
+
+
+def loss_scale(engine) -> float:
+    """The fp16 loss scale of DeepSpeed's optimizer (ZeRO's keeps it in a LossScaleConfig)."""
+    optimizer = engine.optimizer
+    return float(getattr(getattr(optimizer, "loss_scale_config", optimizer), "cur_scale"))
 
 
 def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -62,18 +95,18 @@ class Trainer:
         (a batch job killed before its first save)."""
         # Everything that can be refused is checked before any process group or file exists.
         self.paths = RunDir(Path(out_dir))
-        self.config = self._check_run_dir(config, resume, fresh_ok)
+        self.config = config = self._check_run_dir(config, resume, fresh_ok)
         self._load_data()
         self.rank, self.world = init_distributed()
         self.train_stream = self._train_stream()
         torch.manual_seed(config.seed + self.rank)  # dropout differs across ranks, reproducibly
-        self.device = device()
-        model = self._build_model().to(self.device)
-        self.engine = build_engine(config, model, self.world, self.paths.tensorboard)
+        self.engine = build_engine(config, self._build_model(), self.world, self.paths.tensorboard)
+        self.device = self.engine.device  # this rank's device: DeepSpeed placed the model there
         self.schedule = config.k_schedule()
         self.thor = config.method == "thor"
         self.has_experts = bool(moe_layers_of(self.engine.module))
         self.optimizer_wrapped = deepspeed_config.wraps_optimizer(self.engine.config)
+        self.overflows = OverflowGuard(self.engine.config, config.overflow_patience)
         self._signal: int | None = None  # set by a stop signal (Slurm's warning before preemption)
         self.stopped_by_signal: str | None = None
         self.step = 0
@@ -93,10 +126,12 @@ class Trainer:
                                  "drop --resume to start one")
             saved = self.paths.load_config()
             check_resume_compatible(saved, config)
+            if not config.ds_config:  # the precision and ZeRO stage the run was trained with
+                config = dataclasses.replace(config, ds_config=saved.ds_config)
         elif has_run and not fresh_ok:
             raise ValueError(f"{self.paths.root} already holds a run: pass --resume to continue it, or choose "
                              "another --out (nothing was overwritten)")
-        return config
+        return dataclasses.replace(config, ds_config=config.ds_config or deepspeed_config.DEFAULT)
 
     def _resume(self) -> None:
         client, self.mems = checkpoint.load(self.engine, self.paths.checkpoints, self.device, self.config.ep_size,
@@ -148,7 +183,7 @@ class Trainer:
         return zip(zip(segment.inputs.chunk(accum), segment.targets.chunk(accum)), mems)
 
     def _losses(self, micro_batch, mems) -> tuple[dict[str, torch.Tensor], list]:
-        inputs, targets = (t.to(self.device) for t in micro_batch)
+        inputs, targets = (t.to(self.device, non_blocking=True) for t in micro_batch)
         out = self.engine(inputs, mems)
         ce, aux = lm_loss(out.logits, targets), out.aux_loss
         losses = {"ce": ce, "aux": aux, "counts": out.expert_counts}
@@ -178,17 +213,19 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------
     def train_step(self) -> dict:
+        """One optimizer step. Losses and expert counts stay on the device; the one host sync is
+        the read-back of the all-reduced losses and stop flag."""
         k = self.schedule(self.step)
         set_top_k(self.engine.module, k)
         batch = self._next_batch()
-        sums = torch.zeros(3)  # ce, aux, THOR consistency: summed over micro-batches
+        sums = torch.zeros(3, device=self.device)  # ce, aux, THOR consistency: summed over micro-batches
         counts, states = None, []
         for micro, (micro_batch, state) in enumerate(self._micro_batches(batch)):
             if micro:
                 self.engine.step()  # DeepSpeed counts micro-steps and updates only at the last one
             losses, state = self._losses(micro_batch, state)
             self.engine.backward(losses["total"])
-            sums += torch.stack([losses[key].detach().float().cpu() if key in losses else torch.tensor(0.0)
+            sums += torch.stack([losses[key].detach().float() if key in losses else sums.new_zeros(())
                                  for key in ("ce", "aux", "consistency")])
             layer_counts = [c for c in losses["counts"] if c is not None]
             counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
@@ -196,22 +233,22 @@ class Trainer:
         self._carry(states)
         # The same reduced values on every rank, so that all of them stop at the same step on a NaN
         # or on a signal that reached any one of them.
-        reduced = torch.cat([sums / self.config.grad_accum, torch.tensor([float(self._signal is not None)])])
-        reduced = reduced.to(self.device)
+        stop_flag = torch.full((1,), float(self._signal is not None), device=self.device)
+        reduced = torch.cat([sums / (self.config.grad_accum * self.world), stop_flag])
         dist.all_reduce(reduced)
-        ce, aux, consistency = (reduced[:3] / self.world).tolist()
-        if not math.isfinite(ce) or not math.isfinite(aux):
-            tag = checkpoint.latest_tag(self.paths.checkpoints)
-            raise TrainingDiverged(f"loss is {ce} at step {self.step + 1} (k={k}): training stopped. "
-                                   f"The last good checkpoint is {tag or 'none'} in {self.paths.checkpoints}; "
-                                   "lower lr or clip and continue with --resume")
+        ce, aux, consistency, stop = reduced.tolist()
+        self.overflows.check(ce, aux, self.step + 1, k, self.paths.checkpoints)
         clip_here = self.config.clip and not self.optimizer_wrapped
         grad_norm = clip_grad_norm_(self.engine.module.parameters(), self.config.clip) if clip_here else None
         self.engine.step()
-        if self.optimizer_wrapped:
+        if not self.engine.was_step_applied():
+            # fp16 overflow: DeepSpeed skipped the update and its lr step; every schedule (lr and k)
+            # and the checkpoints follow self.step, the batches consumed, so the lr moves on too.
+            self.engine.lr_scheduler.step()
+        elif self.optimizer_wrapped:
             grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
-        return {"k": k, "ce": ce, "aux": aux, "counts": counts, "stop": reduced[3].item() > 0,
+        return {"k": k, "ce": ce, "aux": aux, "counts": counts, "stop": stop > 0,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "consistency": consistency if self.thor else None}
 
@@ -250,7 +287,8 @@ class Trainer:
 
     def save(self) -> str:
         client = {"step": self.step, "world_size": self.world, "data": self.train_stream.state_dict(),
-                  "k_schedule": self.schedule.state_dict(), "config": self.config.to_dict()}
+                  "k_schedule": self.schedule.state_dict(), "config": self.config.to_dict(),
+                  "optimizer_kind": deepspeed_config.optimizer_kind(self.engine.config)}
         return checkpoint.save(self.engine, self.paths.checkpoints, self.step, client, self.mems,
                                self.config.keep_checkpoints)
 
@@ -262,7 +300,6 @@ class Trainer:
         dist.all_reduce(tokens_per_s)
         counts = window.counts
         if counts is not None:
-            counts = counts.to(self.device)
             dist.all_reduce(counts)
             counts = counts.cpu()
         if self.rank != 0:
@@ -281,6 +318,9 @@ class Trainer:
             events.append(("train/grad_norm", window.mean("grad_norm"), self.step))
         if window.last["consistency"] is not None:
             events.append(("train/consistency_loss", window.mean("consistency"), self.step))
+        if self.overflows.loss_scaled:
+            events += [("train/loss_scale", loss_scale(self.engine), self.step),
+                       ("train/skipped_steps", self.engine.skipped_steps, self.step)]
         for layer, layer_counts in enumerate(counts if counts is not None else []):
             share = layer_counts / layer_counts.sum().clamp_min(1)
             events += [(f"moe/layer{layer}/max_share", share.max().item(), self.step),
@@ -338,6 +378,7 @@ class _Window:
 
     def __init__(self):
         self.steps = 0
+        self.finite_steps = 0
         self.seconds = 0.0
         self.sums: dict[str, float] = {}
         self.counts = None
@@ -347,13 +388,16 @@ class _Window:
         self.steps += 1
         self.seconds += seconds
         self.last = stats
+        if not math.isfinite(stats["ce"]):  # an fp16 overflow DeepSpeed skipped: not part of the means
+            return
+        self.finite_steps += 1
         for key in ("ce", "aux", "grad_norm", "consistency"):
             if stats[key] is not None:
                 self.sums[key] = self.sums.get(key, 0.0) + stats[key]
         layer_counts = [c for c in stats["counts"] if c is not None]
-        if layer_counts:
-            stacked = torch.stack([c.detach().cpu().double() for c in layer_counts])
+        if layer_counts:  # summed on the device: read back only when logged
+            stacked = torch.stack([c.detach().double() for c in layer_counts])
             self.counts = stacked if self.counts is None else self.counts + stacked
 
     def mean(self, key: str) -> float:
-        return self.sums.get(key, math.nan) / max(self.steps, 1)
+        return self.sums.get(key, math.nan) / self.finite_steps if self.finite_steps else math.nan
