@@ -4,10 +4,12 @@ The token sequence is cut into ``batch_size`` contiguous streams read left to ri
 segments of ``tgt_len``, so segment i+1 of a stream continues segment i and the model's
 memory carries context across segments. ``batch_size`` is global: data-parallel rank r
 reads its own block of streams, and the ranks together read exactly the single-process
-batch, whatever the world size. The position (epoch, segment) is training state, saved
+batch, whatever the world size. Blocks may be uneven, or empty where there are more
+ranks than streams (evaluation: the paper's 10 streams on 32 GPUs); training batches
+divide evenly, which the DeepSpeed batch layout checks. The position (epoch, segment) is training state, saved
 in the checkpoint so that a resumed run reads on where it stopped.
 
-Shapes: B streams (global, ``batch_size``), B_local = B / world_size, L tokens per stream,
+Shapes: B streams (global, ``batch_size``), B_local of them on this rank, L tokens per stream,
 T tokens per segment.
 """
 
@@ -56,6 +58,11 @@ def check_fits(num_tokens: int, batch_size: int, tgt_len: int, split_name: str) 
                          f"or a bigger file")
 
 
+def rank_share(rows: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s block of ``rows`` global rows: contiguous, sizes differing by at most one."""
+    return slice(rank * rows // world_size, (rank + 1) * rows // world_size)
+
+
 class OrderedStream:
     """`batch_size` parallel streams over one token sequence, read in order in segments of `tgt_len`."""
 
@@ -65,18 +72,14 @@ class OrderedStream:
             raise ValueError(f"the {name} tokens have shape {tuple(tokens.shape)}: pass a 1-D tensor of token ids")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}: rank must be in [0, world_size)")
-        if batch_size % world_size:
-            raise ValueError(f"batch_size ({batch_size}) is not divisible by world_size ({world_size}): batch_size "
-                             f"is the global number of streams; use a multiple of {world_size}")
         check_fits(tokens.numel(), batch_size, tgt_len, name)
         self.name = name
         self.batch_size = batch_size
         self.tgt_len = tgt_len
         self.stream_len = tokens.numel() // batch_size
-        local = batch_size // world_size
         # Stream b is tokens[b*L:(b+1)*L] (TXL's data.view(bsz, -1)); the tail that does not fill a stream is dropped.
         streams_BL = tokens[: batch_size * self.stream_len].view(batch_size, self.stream_len)
-        self.streams = streams_BL[rank * local:(rank + 1) * local]
+        self.streams = streams_BL[rank_share(batch_size, rank, world_size)]
         # The last token of a stream is only ever a target, hence L - 1 inputs to cover.
         self.num_segments = -(-(self.stream_len - 1) // tgt_len)
         self.epoch = 0

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .lm_stream import rank_share
+
 SPLIT_SEED = 1234  # the valid/test lines are the same for every run on the same files
 # In id order: padding is 0 for BERT and 1 for RoBERTa, as in their released vocabularies.
 SPECIAL_TOKENS = {"bert": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
@@ -150,7 +152,7 @@ class BlockStream:
             raise ValueError(f"the {name} split has {len(blocks)} blocks, fewer than one batch of {batch_size}: "
                              "use more text, a smaller batch_size or a smaller block_size")
         self.blocks, self.batch_size, self.collate = blocks, batch_size, collate
-        self.local = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        self.local = rank_share(batch_size, rank, world_size)
         self.seed, self.shuffle, self.name = seed, shuffle, name
         self.num_batches = len(blocks) // batch_size
         self.epoch, self.batch = 0, 0

@@ -44,7 +44,9 @@ def evaluate(model: nn.Module, stream: OrderedStream, mem_len: int, max_segments
     """Mean cross-entropy (nats per token) over the stream, summed over data-parallel ranks.
 
     Memory starts empty and is carried from segment to segment, ``mem_len`` long
-    (Transformer-XL evaluates shorter segments with a longer memory)."""
+    (Transformer-XL evaluates shorter segments with a longer memory). A rank whose share of
+    the streams is empty still runs every segment, on no rows, so that expert-parallel
+    all-to-alls stay in step; it adds nothing to the sums."""
     was_training, train_mem_len = model.training, model.mem_len
     model.eval()
     model.mem_len = mem_len
@@ -57,9 +59,8 @@ def evaluate(model: nn.Module, stream: OrderedStream, mem_len: int, max_segments
             break
         out = model(segment.inputs.to(device), mems)
         mems = out.mems
-        count = segment.targets.numel()
-        nats += lm_loss(out.logits, segment.targets.to(device)).double() * count
-        tokens += count
+        nats += lm_loss(out.logits, segment.targets.to(device), reduction="sum").double()
+        tokens += segment.targets.numel()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(nats)
         dist.all_reduce(tokens)
@@ -200,7 +201,7 @@ def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path
     import json
     from dataclasses import replace
 
-    from .build import build_engine, build_model, device, init_distributed
+    from .build import build_engine, build_model, init_distributed
     from .checkpoint import latest_tag
     from .run_dir import RunDir
 
@@ -228,15 +229,16 @@ def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path
 
         splits = load_corpus(data_dir or config.data_dir or None, data_file or config.data_file or None)
         model, source, unit = build_model(config, rank), splits.source, "BPC"
-    engine = build_engine(config, model.to(device()), world, None, training=False)
+    engine = build_engine(config, model, world, None, training=False)
+    device = engine.device
     engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=False,
                            load_lr_scheduler_states=False, load_module_only=True)
     say = print if rank == 0 else (lambda *_: None)
     say(f"{run.root} ({config.method}, {tag}) on {source}\n{format_header(unit)}")
     if config.masked_lm:
-        rows = sweep(engine.module, ks, lambda: data.eval_loss(engine.module, "valid", rank, world, device()),
-                     lambda: data.eval_loss(engine.module, "test", rank, world, device()),
-                     lambda: data.flops_per_token(engine.module, device()), log=say)
+        rows = sweep(engine.module, ks, lambda: data.eval_loss(engine.module, "valid", rank, world, device),
+                     lambda: data.eval_loss(engine.module, "test", rank, world, device),
+                     lambda: data.flops_per_token(engine.module, device), log=say)
     else:
         streams = [OrderedStream(split, config.eval_batch_size, config.eval_tgt_len, rank, world, name=name)
                    for name, split in (("valid", splits.valid), ("test", splits.test))]

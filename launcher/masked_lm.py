@@ -11,11 +11,14 @@ token at every k (the paper's "BPC" for BERT).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import deepspeed.comm as dist
 import torch
+import torch.nn.functional as F
 
+from smoe.data.lm_stream import rank_share
 from smoe.data.mlm import (BlockStream, check_tokenizer_fits, group_into_blocks, load_texts, mlm_collator,
                            train_tokenizer)
 from smoe.model.bert import MODELS, aux_loss, expert_counts
@@ -26,6 +29,16 @@ from .evaluate import sparse_flops
 from .train import Trainer, symmetric_kl
 
 SPLITS = {"valid": "validation", "test": "test"}
+
+
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int):
+    """The global CPU generator seeded for the block, then restored. Not ``torch.manual_seed``,
+    which also seeds every CUDA generator: on GPUs that would give every rank the same dropout
+    masks and reset the training stream at every validation."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def load_tokenizer(config: TrainConfig, saved_dir, texts):
@@ -54,8 +67,7 @@ def build_mlm_model(config: TrainConfig, pad_token_id: int, rank: int = 0):
         moe_layers=config.moe_layers, ep_size=config.ep_size, balance_coef=config.balance_coef,
         z_loss_coef=config.z_loss_coef, dropblock_size=config.dropblock_size, dispatch=config.dispatch,
         router_seed=config.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # transformers draws the shared weights from the global RNG: same on every rank
+    with seeded_cpu_rng(config.seed):  # transformers draws the shared weights from the global RNG: same on every rank
         return model_class(hf_config, ep_rank=init_expert_parallel(config.ep_size), rank=rank)
 
 
@@ -81,19 +93,29 @@ class MaskedLMData:
 
     @torch.no_grad()
     def eval_loss(self, model, split: str, rank: int, world: int, device, max_batches: int = 0) -> float:
-        """Mean cross-entropy per masked token (nats) over the split, with the same masks at every k."""
+        """Mean cross-entropy per masked token (nats) over the split, with the same masks at every k
+        and on any number of ranks: every rank masks the whole batch from the same seed, then
+        evaluates its rows. A rank with no rows (more ranks than ``eval_batch_size``) evaluates
+        the batch's first row with no label, so that expert-parallel all-to-alls stay in step."""
         was_training = model.training
         model.eval()
-        stream = self.stream(SPLITS[split], self.config.eval_batch_size, rank, world)
+        batch_size = self.config.eval_batch_size
+        share = rank_share(batch_size, rank, world)
+        stream = self.stream(SPLITS[split], batch_size)
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, masked tokens
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+        with seeded_cpu_rng(self.config.seed):
             for index, batch in enumerate(stream):
                 if max_batches and index >= max_batches:
                     break
-                batch = {key: value.to(device) for key, value in batch.items()}
-                count = (batch["labels"] != -100).sum()
-                totals += torch.stack([model(**batch).loss.double() * count, count.double()])
+                if share.start == share.stop:
+                    batch = {key: value[:1] for key, value in batch.items()}
+                    batch["labels"] = torch.full_like(batch["labels"], -100)
+                else:
+                    batch = {key: value[share] for key, value in batch.items()}
+                labels = batch.pop("labels").to(device)
+                logits = model(**{key: value.to(device) for key, value in batch.items()}).logits
+                nats = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+                totals += torch.stack([nats.double(), (labels != -100).sum().double()])
         if world > 1:
             dist.all_reduce(totals)
         model.train(was_training)
@@ -137,11 +159,11 @@ class MaskedLMTrainer(Trainer):
         return [({key: chunks[key][i] for key in chunks}, None) for i in range(accum)]
 
     def _losses(self, micro_batch: dict[str, torch.Tensor], _) -> tuple[dict[str, torch.Tensor], None]:
-        inputs = {key: value.to(self.device) for key, value in micro_batch.items()}
+        inputs = {key: value.to(self.device, non_blocking=True) for key, value in micro_batch.items()}
         model = self.engine.module
         out = self.engine(**inputs)
-        ce, aux = out.loss, aux_loss(model)
-        losses = {"ce": ce, "aux": torch.as_tensor(aux, device=ce.device), "counts": expert_counts(model)}
+        ce = out.loss
+        losses = {"ce": ce, "aux": ce.new_zeros(()) + aux_loss(model), "counts": expert_counts(model)}
         if self.thor:
             second = self.engine(**inputs)
             masked = inputs["labels"] != -100

@@ -82,9 +82,10 @@ class TransformerXLHidden(NamedTuple):
     expert_counts: list[torch.Tensor | None]
 
 
-def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy in nats (divide by ln 2 for bits per character)."""
-    return F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1))
+def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-byte cross-entropy in nats (divide by ln 2 for bits per character), averaged or summed."""
+    return F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1),
+                           reduction=reduction)
 
 
 class PositionalEmbedding(nn.Module):

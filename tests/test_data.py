@@ -185,9 +185,16 @@ def test_ranks_together_read_the_single_process_batch():
         assert torch.equal(torch.cat([r[i].targets for r in ranks]), seg.targets)
 
 
-def test_batch_must_divide_among_ranks():
-    with pytest.raises(ValueError, match=r"batch_size \(4\) is not divisible by world_size \(3\)"):
-        OrderedStream(torch.arange(N), 4, T, rank=0, world_size=3)
+@pytest.mark.parametrize("world", [3, 6])
+def test_uneven_and_empty_shares_still_read_the_batch_once(world):
+    """Evaluation at any world size: 4 streams on 3 ranks (1, 1, 2) or on 6 (two ranks with none)."""
+    whole = all_segments(OrderedStream(torch.arange(N), B, T))
+    ranks = [all_segments(OrderedStream(torch.arange(N), B, T, rank=r, world_size=world)) for r in range(world)]
+    assert sorted(r[0].inputs.shape[0] for r in ranks) == sorted([B * (r + 1) // world - B * r // world
+                                                                  for r in range(world)])
+    assert all(len(r) == len(whole) for r in ranks)  # every rank reads as many segments (collectives stay in step)
+    for i, seg in enumerate(whole):
+        assert torch.equal(torch.cat([r[i].inputs for r in ranks]), seg.inputs)
 
 
 def test_next_segment_wraps_to_a_new_epoch():
