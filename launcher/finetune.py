@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from smoe.data.lm_stream import rank_share
+
+from . import deepspeed_config
 from .checkpoint import write_atomic
 from .tasks import TASKS, TaskModel, get_task, model_family
 
@@ -40,6 +43,7 @@ class FinetuneConfig:
     max_train_examples: int = 0  # 0: all
     log_every: int = 50
     head_lr: float = 0.0  # 0: --lr everywhere; else the lr of a head trained from scratch (an equation decoder)
+    ds_config: str = ""  # DeepSpeed JSON (a ds_configs/ name or a path, e.g. bf16 or fp16); empty: cpu (fp32)
 
     def __post_init__(self):
         for name in ("batch_size", "epochs", "max_length", "log_every"):
@@ -68,10 +72,14 @@ def add_arguments(parser) -> None:
     add_config_arguments(parser)
 
 
-def batches(examples: list, batch_size: int, generator: torch.Generator):
+def batches(examples: list, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
+    """This rank's share of each global batch of a shuffled epoch. Every rank draws the same order,
+    so the shares are disjoint; a last batch too short to give every rank a row is left out."""
     order = torch.randperm(len(examples), generator=generator).tolist()
     for start in range(0, len(order), batch_size):
-        yield [examples[i] for i in order[start:start + batch_size]]
+        batch = order[start:start + batch_size]
+        if len(batch) >= world:
+            yield [examples[i] for i in batch[rank_share(len(batch), rank, world)]]
 
 
 def set_k(model: TaskModel, k: int | None) -> int | None:
@@ -89,14 +97,22 @@ def set_k(model: TaskModel, k: int | None) -> int | None:
 
 
 def fine_tune(model: TaskModel, train: list, config: FinetuneConfig, what: str = "fine-tuning") -> TaskModel:
-    """Train ``model`` on ``train`` for ``config.epochs`` on a DeepSpeed engine; returns the trained module."""
+    """Train ``model`` on ``train`` for ``config.epochs`` on a DeepSpeed engine built from
+    ``config.ds_config`` (its precision and ZeRO stage); every data-parallel rank trains on its own
+    share of each batch. Returns the trained module, on the engine's device."""
     import deepspeed
+    import deepspeed.comm as dist
 
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    from .evaluate import moe_layers_of
     from .train import TrainingDiverged
 
-    steps = math.ceil(len(train) / config.batch_size) * config.epochs
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds = deepspeed_config.engine_json(config.ds_config, config.batch_size, 1, world, clip=0.0,
+                                      has_experts=bool(moe_layers_of(model)))
+    steps = sum(1 for start in range(0, len(train), config.batch_size)
+                if len(train) - start >= world) * config.epochs
     lr = config.lr or model.default_lr
     head = {id(p) for p in model.new_parameters()} if config.head_lr else set()
     trainable = [p for p in model.parameters() if p.requires_grad]  # the frozen routers are left out
@@ -105,25 +121,28 @@ def fine_tune(model: TaskModel, train: list, config: FinetuneConfig, what: str =
     optimizer = torch.optim.AdamW(split_params_into_different_moe_groups_for_optimizer(
         [group for group in groups if group["params"]]), lr=lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config={
-        "train_micro_batch_size_per_gpu": config.batch_size, "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 0}, "steps_per_print": 2**31 - 1})
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
+    torch.manual_seed(config.seed + rank)  # the model is built (alike on every rank); dropout differs by rank
+    say = print if rank == 0 else (lambda *_, **__: None)
     generator = torch.Generator().manual_seed(config.seed)
     step, started = 0, time.perf_counter()
-    print(f"{what}: {len(train):,} examples x {config.epochs} epochs = {steps} steps of {config.batch_size}, "
-          f"lr {lr:g}" + (f", head lr {config.head_lr:g}" if head else ""), flush=True)
+    say(f"{what}: {len(train):,} examples x {config.epochs} epochs = {steps} steps of {config.batch_size} over "
+        f"{world} rank(s), lr {lr:g}" + (f", head lr {config.head_lr:g}" if head else ""), flush=True)
     for epoch in range(config.epochs):
-        for batch in batches(train, config.batch_size, generator):
+        for batch in batches(train, config.batch_size, generator, rank, world):
             loss = engine(batch)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"the loss is {loss.item()} at step {step + 1}: lower --lr")
             engine.backward(loss)
+            mean_loss = loss.detach().float() / world
+            dist.all_reduce(mean_loss)  # the same value on every rank, so all of them stop together
+            mean_loss = mean_loss.item()  # the step's one read-back
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(f"the loss is {mean_loss} at step {step + 1}: lower --lr")
             engine.step()
             step += 1
             if step % config.log_every == 0 or step == steps:
                 elapsed = time.perf_counter() - started
-                print(f"epoch {epoch + 1} step {step}/{steps} | loss {loss.item():.4f} | "
-                      f"{elapsed / step:.3f} s/step | ETA {(steps - step) * elapsed / step:.0f}s", flush=True)
+                say(f"epoch {epoch + 1} step {step}/{steps} | loss {mean_loss:.4f} | "
+                    f"{elapsed / step:.3f} s/step | ETA {(steps - step) * elapsed / step:.0f}s", flush=True)
     return engine.module
 
 
@@ -148,7 +167,7 @@ def run(args) -> None:
             raise ValueError(f"--splits {unknown} are not splits of {task.name}: "
                              f"use {', '.join(split.name for split in splits)}")
         splits = [split for split in splits if split.name in wanted]
-    init_distributed()
+    rank, _ = init_distributed()
     per_split, models = [], []
     for split in splits:
         torch.manual_seed(config.seed)
@@ -158,8 +177,9 @@ def run(args) -> None:
         model = fine_tune(model, train, config, what=f"{task.name} {split.name} on {model_dir} "
                                                       f"({model.method}, k={k or '-'})")
         metrics = model.evaluate(split.dev)
-        print(f"{task.name} {split.name}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()),
-              flush=True)
+        if rank == 0:
+            print(f"{task.name} {split.name}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()),
+                  flush=True)
         per_split.append({"split": split.name, **metrics})
         models.append((split.name, model))
     result = {"task": task.name, "model": str(model_dir), "family": family, **slim_record(model_dir),
@@ -188,7 +208,12 @@ def describe(model: TaskModel, k: int | None) -> dict:
 
 
 def write_result(out: Path, result: dict, models: list[tuple[str, TaskModel]]) -> None:
-    """The fine-tuned model(s) and ``result.json``, written last: a directory with a result is complete."""
+    """The fine-tuned model(s) and ``result.json``, written last: a directory with a result is complete.
+    Rank 0 writes (every rank holds the same model)."""
+    import deepspeed.comm as dist
+
+    if dist.get_rank() != 0:
+        return
     out.mkdir(parents=True, exist_ok=True)
     for name, trained in models:
         trained.save(out / ("model" if len(models) == 1 else f"model-{name}"))
