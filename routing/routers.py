@@ -193,7 +193,7 @@ class RandomRouter(Router):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.generator.device != self._device.device:
-            self.generator = torch.Generator(self._device.device).manual_seed(self.seed)
+            self.generator = torch.Generator(device=self._device.device).manual_seed(self.seed)
         return self
 
     def forward(self, x_TD, token_ids_T=None) -> Routes:
