@@ -70,7 +70,7 @@ def evaluate(model: nn.Module, stream: OrderedStream, mem_len: int, max_segments
     return (nats / tokens).item()
 
 
-def parameter_count(model: nn.Module) -> int:
+def model_size(model: nn.Module) -> int:
     """The model's weights: its parameters and the frozen routers' projections (fp32 buffers)."""
     frozen = sum(b.numel() for m in model.modules() if isinstance(m, FrozenProjection) for b in m.buffers())
     return sum(p.numel() for p in model.parameters()) + frozen
@@ -79,7 +79,7 @@ def parameter_count(model: nn.Module) -> int:
 def active_parameters(model: nn.Module, k: int | None) -> int:
     """Parameters one token uses: all but the N - k experts it skips in each MoE layer
     (counted for the whole model, also when this rank holds only some experts)."""
-    total = parameter_count(model)
+    total = model_size(model)
     for layer in moe_layers_of(model):
         per_expert = sum(p.numel() for p in layer.local_experts[0].parameters())
         total += per_expert * (k - layer.num_local_experts)

@@ -33,7 +33,7 @@ from smoe.model.moe import SMoE
 from smoe.model.slim import keep_experts, most_used
 
 from .config import TrainConfig
-from .evaluate import moe_layers_of, parameter_count, set_top_k
+from .evaluate import model_size, moe_layers_of, set_top_k
 
 PARAMS_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 
@@ -145,7 +145,7 @@ def budget_for_params(text: str, config: TrainConfig, family: ModelFamily) -> in
 
     @functools.cache
     def size(budget: int) -> int:
-        return parameter_count(family.build(slim_config(config, budget, k=1)))
+        return model_size(family.build(slim_config(config, budget, k=1)))
 
     budget = bisect.bisect_right(range(1, config.num_experts + 1), limit, key=size)  # size grows with the budget
     if budget == 0:
@@ -235,7 +235,7 @@ def run(args) -> None:
         report.update(k=k, kept=kept, counts=[c.tolist() for c in counts])
         print(f"kept {budget} of {experts} experts per layer (counted at k={k}): "
               + "; ".join(f"layer {i}: {keep}" for i, keep in enumerate(kept)))
-    report["parameters"] = parameter_count(slim)
+    report["parameters"] = model_size(slim)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     family.save(slim, target, out)
