@@ -51,14 +51,16 @@ class ConcreteDropout(nn.Module):
 
     def __init__(self, p_init: float, temperature: float, weight_reg: float, dropout_reg: float):
         super().__init__()
-        self.p_logit = nn.Parameter(torch.tensor(math.log(p_init) - math.log1p(-p_init)))
+        # Shape (1,), not a 0-dim scalar: DeepSpeed's engine broadcasts every parameter viewed as
+        # bytes, which a 0-dim tensor cannot be (``deepspeed.initialize`` fails on it).
+        self.p_logit = nn.Parameter(torch.full((1,), math.log(p_init) - math.log1p(-p_init)))
         self.temperature = temperature
         self.weight_reg = weight_reg
         self.dropout_reg = dropout_reg
 
     @property
     def p(self) -> torch.Tensor:
-        return torch.sigmoid(self.p_logit)
+        return torch.sigmoid(self.p_logit).squeeze(0)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.training:

@@ -76,13 +76,14 @@ def test_dense_run_reports_one_row(corpus, tmp_path):
     assert scalars(out, "train/bpc") and not scalars(out, "moe/top_k")
 
 
-def test_thor_and_hash_train(corpus, tmp_path):
-    for method in ("thor", "hash"):
+def test_thor_hash_and_concrete_dropout_train(corpus, tmp_path):
+    for method in ("thor", "hash", "dense-concrete"):
         out = tmp_path / method
         smoe("train", "--out", out, "--preset", "tiny", "--method", method, "--data-file", corpus, *SMALL,
              "max_steps=3", "eval_ks=2")
         assert scalars(out, "train/loss")
     assert scalars(tmp_path / "thor", "train/consistency_loss")
+    assert all(loss != 0 for loss in scalars(tmp_path / "dense-concrete", "train/aux_loss").values())
 
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
