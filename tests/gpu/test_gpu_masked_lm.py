@@ -1,0 +1,37 @@
+"""Masked-LM evaluation on the GPU draws nothing from the training RNG streams.
+
+Validation runs in the middle of training: if it reseeded or advanced the CUDA generator, the
+dropout masks after a validation would differ from a run without one (and, seeded alike, every
+rank would get the same masks). Its masks come from a seeded, restored CPU generator."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from smoe.launcher.config import build_config, parse_override
+
+# tests/test_masked_lm.py's small BERT.
+MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_inner=64", "num_experts=4", "k_min=1", "k_max=4", "k_fixed=2",
+       "vocab_size=300", "block_size=16", "max_positions=32", "batch_size=8", "eval_batch_size=4", "eval_ks=1,2,4"]
+
+
+def test_masked_lm_evaluation_leaves_the_cuda_rng_alone(books, tmp_path):
+    from smoe.launcher.masked_lm import MaskedLMData, build_mlm_model
+
+    overrides = dict(parse_override(o) for o in MLM)
+    config = build_config("bert-tiny", {**overrides, "data_files": (str(books),), "cache_dir": str(tmp_path / "cache")})
+    data = MaskedLMData(config, tmp_path)
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = build_mlm_model(config, data.tokenizer.pad_token_id).to(device).train()
+
+    torch.cuda.manual_seed(12345)  # a state that no reseed with the config's seed gives back
+    torch.rand(1000, device=device)
+    cuda_before, cpu_before = torch.cuda.get_rng_state(device), torch.get_rng_state()
+    loss = data.eval_loss(model, "valid", 0, 1, device)
+    assert math.isfinite(loss) and loss > 0
+    assert torch.equal(torch.cuda.get_rng_state(device), cuda_before), \
+        "masked-LM evaluation changed the CUDA RNG (reseeded or drew from it): training's dropout would change"
+    assert torch.equal(torch.get_rng_state(), cpu_before), "masked-LM evaluation did not restore the CPU RNG"
+    assert model.training  # eval_loss puts the mode back
