@@ -70,3 +70,24 @@ def test_masked_lm_evaluates_on_ranks_that_do_not_divide_the_batch(books, tmp_pa
     out = tmp_path / "loss.json"
     spawn(_mlm_loss_on_ranks, 3, config, out)
     assert json.loads(out.read_text()) == pytest.approx(one_process, rel=1e-6)
+
+
+def test_masked_lm_seeds_only_the_cpu_generator(books, tmp_path, monkeypatch):
+    """``torch.manual_seed`` also seeds every CUDA generator: on GPUs that gave all ranks the same
+    dropout masks and reset the training stream at every validation. Building the model and
+    evaluating must leave CUDA's generators alone (and restore the CPU one)."""
+    from smoe.launcher.masked_lm import MaskedLMData, build_mlm_model
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(seed))
+    config = build_config("bert-tiny", {"data_files": (str(books),), "n_layer": 1, "d_model": 32, "n_head": 2,
+                                        "d_inner": 64, "num_experts": 4, "k_min": 1, "k_max": 4, "eval_ks": (1, 4),
+                                        "vocab_size": 300, "block_size": 16, "max_positions": 32, "batch_size": 8,
+                                        "eval_batch_size": 4})
+    data = MaskedLMData(config, tmp_path)
+    cpu_state = torch.get_rng_state()
+    model = build_mlm_model(config, data.tokenizer.pad_token_id)
+    data.eval_loss(model, "valid", 0, 1, "cpu", max_batches=1)
+    assert seeded == []
+    assert torch.equal(torch.get_rng_state(), cpu_state)
