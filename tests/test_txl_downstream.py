@@ -15,6 +15,7 @@ from smoe.launcher.build import build_model
 from smoe.launcher.cli import main
 from smoe.launcher.config import build_config, parse_override
 from smoe.launcher.consolidate import consolidate, load_consolidated, save_consolidated
+from smoe.launcher.evaluate import model_size
 from smoe.launcher.evaluate import moe_layers_of, set_top_k, top_k_of
 from smoe.launcher.slim import parameter_count
 from smoe.model.slim import keep_experts, most_used
@@ -174,7 +175,7 @@ def test_params_picks_the_largest_budget_that_fits(txl_run, sst2, tmp_path, caps
     for budget in (1, 3):
         slim(capsys, txl_run, tmp_path / f"b{budget}", "--budget", budget, *data)
         _, model = load_consolidated(tmp_path / f"b{budget}" / "model.safetensors")
-        sizes[budget] = sum(p.numel() for p in model.parameters())
+        sizes[budget] = model_size(model)  # parameters and the frozen routers' weights
     output = slim(capsys, txl_run, tmp_path / "p", "--params", sizes[3], *data)
     assert f"--params {sizes[3]} -> budget 3 of 4 experts per layer: {sizes[3] / 1e6:.2f}M parameters" in output
     assert json.loads((tmp_path / "p" / "slim.json").read_text())["parameters"] == sizes[3]
@@ -209,9 +210,8 @@ def test_params_works_for_bert_runs_too(tmp_path, capsys):
     config = build_config("bert-tiny", {"n_layer": 2, "d_model": 32, "n_head": 2, "d_inner": 64, "num_experts": 4,
                                         "vocab_size": 200, "k_min": 1, "k_max": 4, "eval_ks": (4,)})
     family = MaskedLMFamily(config, tmp_path)
-    sizes = {budget: sum(p.numel() for p in build_mlm_model(replace(config, num_experts=budget, d_inner=16 * budget,
-                                                                    k_max=budget, eval_ks=()),
-                                                            family.tokenizer.pad_token_id).parameters())
+    sizes = {budget: model_size(build_mlm_model(replace(config, num_experts=budget, d_inner=16 * budget,
+                                                        k_max=budget, eval_ks=()), family.tokenizer.pad_token_id))
              for budget in (1, 3)}
     assert budget_for_params(str(sizes[3] - 1), config, family) == 2
     assert budget_for_params(str(sizes[3]), config, family) == 3
