@@ -50,6 +50,18 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (a collective; before the engine exists)."""
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.get_world_size() == 1:
+        return flag
+    votes = torch.full((1,), float(flag), device=get_accelerator().current_device_name())
+    dist.all_reduce(votes)
+    return votes.item() > 0
+
+
 def build_model(config: TrainConfig, rank: int = 0) -> TransformerXL:
     ep_rank = init_expert_parallel(config.ep_size)
     return TransformerXL(config.model_config(), feedforward_factory(config.feedforward_spec(), ep_rank, rank))

@@ -30,9 +30,9 @@ from smoe.routing import TopKSchedule
 from smoe.model.transformer_xl import lm_loss
 
 from . import checkpoint, deepspeed_config
-from .build import build_engine, build_model, init_distributed
+from .build import any_rank, build_engine, build_model, init_distributed
 from .config import TrainConfig, check_resume_compatible
-from .run_dir import RunDir
+from .run_dir import RunDir, RunDirLocked, WriterLock
 from .evaluate import (LN2, evaluate, flops_per_token, format_header, moe_layers_of, rows_to_json, set_top_k,
                        sweep)
 
@@ -98,6 +98,8 @@ class Trainer:
         self.config = config = self._check_run_dir(config, resume, fresh_ok)
         self._load_data()
         self.rank, self.world = init_distributed()
+        self.writer = WriterLock(self.paths)
+        self._lock_run_dir()
         self.train_stream = self._train_stream()
         torch.manual_seed(config.seed + self.rank)  # dropout differs across ranks, reproducibly
         self.engine = build_engine(config, self._build_model(), self.world, self.paths.tensorboard)
@@ -132,6 +134,21 @@ class Trainer:
             raise ValueError(f"{self.paths.root} already holds a run: pass --resume to continue it, or choose "
                              "another --out (nothing was overwritten)")
         return dataclasses.replace(config, ds_config=config.ds_config or deepspeed_config.DEFAULT)
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run directory's writer lock, before anything of the run is written, and
+        every rank learns the outcome: a refused job stops on all its ranks at once."""
+        refused, note = None, None
+        if self.rank == 0:
+            try:
+                note = self.writer.acquire()
+            except RunDirLocked as error:
+                refused = error
+        if note:
+            print(note, flush=True)
+        if any_rank(refused is not None):
+            raise refused or RunDirLocked(f"{self.paths.root} is being written by another process: see rank 0's "
+                                          "message")
 
     def _resume(self) -> None:
         client, self.mems = checkpoint.load(self.engine, self.paths.checkpoints, self.device, self.config.ep_size,
@@ -264,26 +281,29 @@ class Trainer:
         if self.rank == 0:
             print(f"training {config.method} ({config.preset}) on {self.source}: steps {self.step}->{end}, "
                   f"{self.world} rank(s), ep_size {config.ep_size}, {tokens_per_step:,} tokens/step", flush=True)
-        with _StopSignals(self):
-            while self.step < end:
-                started = time.perf_counter()
-                stats = self.train_step()
-                window.add(stats, time.perf_counter() - started)
-                if self.step % config.log_every == 0 or self.step == end or stats["stop"]:
-                    self._log(window, tokens_per_step, end)
-                    window = _Window()
-                if self.step % config.eval_every == 0 or self.step == config.max_steps:
-                    self._validate()
-                if self.step % config.save_every == 0 or self.step == end or stats["stop"]:
-                    tag = self.save()
-                if stats["stop"]:
-                    self.stopped_by_signal = signal.Signals(self._signal).name if self._signal else "a peer rank"
-                    if self.rank == 0:
-                        print(f"stopped by {self.stopped_by_signal} after step {self.step}: checkpoint {tag} saved; "
-                              "continue with --resume (the slurm/ scripts requeue and resume)", flush=True)
-                    return
-        if self.step == config.max_steps:
-            self.final_sweep()
+        try:
+            with _StopSignals(self):
+                while self.step < end:
+                    started = time.perf_counter()
+                    stats = self.train_step()
+                    window.add(stats, time.perf_counter() - started)
+                    if self.step % config.log_every == 0 or self.step == end or stats["stop"]:
+                        self._log(window, tokens_per_step, end)
+                        window = _Window()
+                    if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                        self._validate()
+                    if self.step % config.save_every == 0 or self.step == end or stats["stop"]:
+                        tag = self.save()
+                    if stats["stop"]:
+                        self.stopped_by_signal = signal.Signals(self._signal).name if self._signal else "a peer rank"
+                        if self.rank == 0:
+                            print(f"stopped by {self.stopped_by_signal} after step {self.step}: checkpoint {tag} "
+                                  "saved; continue with --resume (the slurm/ scripts requeue and resume)", flush=True)
+                        return
+            if self.step == config.max_steps:
+                self.final_sweep()
+        finally:
+            self.writer.release()  # the run directory is free for the next writer
 
     def save(self) -> str:
         client = {"step": self.step, "world_size": self.world, "data": self.train_stream.state_dict(),
