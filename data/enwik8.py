@@ -64,6 +64,10 @@ def load_enwik8(data_dir: str | os.PathLike, download: bool = True, *, url: str 
                 sha256: str = ENWIK8_ZIP_SHA256) -> Splits:
     """enwik8 from ``data_dir``: the unzipped ``enwik8``, else ``enwik8.zip``, else downloaded from ``url``."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ValueError(f"data directory {data_dir} is a file: --data-dir takes the directory holding enwik8 or "
+                         f"enwik8.zip (the zip is downloaded there when absent); to train on this file as raw bytes, "
+                         f"pass --data-file {data_dir}")
     raw, archive = data_dir / "enwik8", data_dir / "enwik8.zip"
     if not raw.exists():
         if archive.exists():
@@ -86,11 +90,22 @@ def load_enwik8(data_dir: str | os.PathLike, download: bool = True, *, url: str 
     return Splits(data[:cut], data[cut:cut + ENWIK8_HELDOUT_BYTES], data[-ENWIK8_HELDOUT_BYTES:], "enwik8")
 
 
-def load_byte_file(path: str | os.PathLike) -> Splits:
-    """Any file as bytes, in order: the first 90% train, the next 5% valid, the last 5% test."""
+def check_byte_file(path: str | os.PathLike) -> Path:
+    """``--data-file``: refuse a path that is not a file, saying what to pass instead."""
     path = Path(path)
+    if path.is_dir():
+        hint = (f"; {path} holds enwik8, so pass --data-dir {path}" if any((path / name).is_file() for name in
+                ("enwik8", "enwik8.zip")) else "; for a directory holding enwik8 or enwik8.zip, pass --data-dir")
+        raise ValueError(f"data file {path} is a directory: --data-file takes one file (any raw bytes, split "
+                         f"90/5/5){hint}")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist: check the path given as --data-file")
+    return path
+
+
+def load_byte_file(path: str | os.PathLike) -> Splits:
+    """Any file as bytes, in order: the first 90% train, the next 5% valid, the last 5% test."""
+    path = check_byte_file(path)
     size = path.stat().st_size
     heldout = size // 20
     if heldout == 0:

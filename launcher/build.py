@@ -88,13 +88,12 @@ def lr_multiplier(config: TrainConfig):
     return multiplier
 
 
-def build_engine(config: TrainConfig, model: torch.nn.Module, world_size: int, tensorboard_dir: Path | None,
-                 training: bool = True):
-    """``deepspeed.initialize`` with AdamW over DeepSpeed's MoE parameter groups (the frozen
-    router left out) and the lr schedule; without an optimizer for evaluation."""
+def build_engine(config: TrainConfig, model: torch.nn.Module, ds: dict, training: bool = True):
+    """``deepspeed.initialize`` on ``ds`` (:func:`engine_config`) with AdamW over DeepSpeed's MoE
+    parameter groups (the frozen router left out) and the lr schedule; without an optimizer for
+    evaluation."""
     import deepspeed
 
-    ds = engine_config(config, world_size, tensorboard_dir, training)
     if not training:
         engine, *_ = deepspeed.initialize(model=model, config=ds)
         return engine

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -40,8 +42,17 @@ def _add_train(commands) -> None:
     parser.add_argument("--stop-at", type=int, help="stop (with a checkpoint) at this step; schedules still plan "
                                                    "for max_steps")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="override any config key, e.g. max_steps=2000 lr=5e-4 moe_layers=every-2")
-    parser.set_defaults(run=_run_train)
+                        help="override any config key, e.g. max_steps=2000 lr=5e-4 moe_layers=every-2; "
+                             "anywhere on the line, before, between or after the options")
+    _set_run(parser, _run_train)
+
+
+def _tokenizer_value(text: str) -> str:
+    """``--tokenizer``: a local directory (made absolute, as config.json keeps it) or a bare hub name (kept)."""
+    path = Path(text)
+    if path.exists() or os.sep in text or "/" in text or text.startswith("."):
+        return str(path.resolve())
+    return text
 
 
 def _run_train(args) -> None:
@@ -61,7 +72,7 @@ def _run_train(args) -> None:
     if args.data_files:
         overrides["data_files"] = tuple(str(Path(f).resolve()) for f in args.data_files)
     if args.tokenizer:
-        overrides["tokenizer"] = str(Path(args.tokenizer).resolve())
+        overrides["tokenizer"] = _tokenizer_value(args.tokenizer)
     config = build_config(args.preset, overrides)
     out = Path(args.out)
     resume = args.resume or (args.auto_resume and latest_tag(RunDir(out).checkpoints) is not None)
@@ -80,15 +91,37 @@ def _add_eval(commands) -> None:
     parser.add_argument("--k", help="comma-separated ks (default: the run's eval_ks)")
     parser.add_argument("--json", help="write the table here")
     parser.add_argument("--plot", help="write the BPC-vs-active-parameters plot here (PNG)")
-    parser.add_argument("--data-dir", help="evaluate on this enwik8 directory instead of the run's data")
-    parser.add_argument("--data-file", help="evaluate on this raw file instead of the run's data")
-    parser.set_defaults(run=_run_eval)
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--data-dir", help="evaluate on this enwik8 directory instead of the run's data")
+    data.add_argument("--data-file", help="evaluate on this raw file instead of the run's data")
+    _set_run(parser, _run_eval)
+
+
+def parse_ks(text: str, flag: str = "--k") -> list[int]:
+    """``1,2,4,16`` as integers; anything else is refused with the expected form."""
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text}: expected comma-separated integers, e.g. {flag} 1,2,4,16") from None
 
 
 def _run_eval(args) -> None:
+    from .checkpoint import latest_tag
     from .evaluate import evaluate_run
+    from .run_dir import RunDir
 
-    ks = [int(k) for k in args.k.split(",")] if args.k else None
+    ks = parse_ks(args.k) if args.k else None
+    # Refused here, before evaluate_run joins a process group: no run, no checkpoint, a k out of range.
+    run = RunDir(Path(args.run_dir))
+    config = run.load_config()
+    if ks and any(not 1 <= k <= config.num_experts for k in ks):
+        raise ValueError(f"--k {args.k}: every k must be between 1 and num_experts ({config.num_experts})")
+    if latest_tag(run.checkpoints) is None:
+        raise ValueError(f"{run.checkpoints} holds no complete checkpoint: train (or resume) the run first")
+    if args.data_file:
+        from smoe.data.enwik8 import check_byte_file
+
+        check_byte_file(args.data_file)
     data = {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
             "data_file": str(Path(args.data_file).resolve()) if args.data_file else None}
     evaluate_run(Path(args.run_dir), ks, json_path=args.json, plot_path=args.plot, **data)
@@ -102,14 +135,39 @@ def _add_bench(commands) -> None:
     layer = benches.add_parser("layer", help="MoE layer time and memory vs the dense MLP and stock DeepSpeed",
                                description=bench_layer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_layer.add_arguments(layer)
-    layer.set_defaults(run=bench_layer.run)
+    _set_run(layer, _run_bench_layer)
     from . import bench_quality
 
     quality = benches.add_parser("quality", help="BPC by k after training smoe-dropout, smoe-learned and dense "
                                                  "with the same budget", description=bench_quality.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_quality.add_arguments(quality)
-    quality.set_defaults(run=bench_quality.run)
+    _set_run(quality, _run_bench_quality)
+
+
+def _run_bench_layer(args) -> None:
+    from . import bench_layer
+
+    parse_ks(args.ks, "--ks")  # refused with the expected form, not int()'s message
+    bench_layer.run(args)
+
+
+def _run_bench_quality(args) -> None:
+    """Every run's config and data checked here, so that a mistake is one message, not a failed child."""
+    from smoe.data.enwik8 import check_byte_file
+    from smoe.data.mlm import text_files
+
+    from . import bench_quality
+    from .config import build_config, parse_override
+
+    overrides = dict(parse_override(text) for text in args.overrides)
+    for method in args.methods.split(","):
+        build_config(args.preset, {**overrides, "method": method})
+    if args.data_file:
+        check_byte_file(args.data_file)
+    else:
+        text_files(args.data_files, overrides.get("text_encoding", "utf-8"))
+    bench_quality.run(args)
 
 
 def _add_ckpt(commands) -> None:
@@ -121,7 +179,7 @@ def _add_ckpt(commands) -> None:
                               description=consolidate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="the --out directory of a `smoe train` run (its latest checkpoint is used)")
     parser.add_argument("out", help="the file to write, e.g. model.safetensors")
-    parser.set_defaults(run=_run_consolidate)
+    _set_run(parser, _run_consolidate)
 
 
 def _run_consolidate(args) -> None:
@@ -146,7 +204,12 @@ def _add_module_command(commands, name: str) -> None:
     parser = commands.add_parser(name, help=MODULE_COMMANDS[name], description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
-    parser.set_defaults(run=module.run)
+    _set_run(parser, module.run)
+
+
+def _set_run(parser: argparse.ArgumentParser, run) -> None:
+    """A command's entry point, and its parser (for errors found after parsing, with its usage line)."""
+    parser.set_defaults(run=run, command_parser=parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,17 +226,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# KEY=VALUE: a config key (dashes allowed, as parse_override reads them), then "=".
+OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*=")
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line, with KEY=VALUE overrides anywhere in it: before, between and after options.
+
+    argparse's ``nargs="*"`` positional takes one contiguous run of them, and
+    ``parse_intermixed_args`` does not work with subcommands. So: parse the known arguments,
+    then every leftover that is not an option is an override of a command that has them (``smoe
+    train``, ``smoe bench quality``; parse_override refuses one that is not KEY=VALUE), as is a
+    KEY=VALUE that ``--data-files`` swallowed and that is no existing path. The overrides keep
+    their order on the command line (a later one of the same key wins). Any other leftover is
+    argparse's own "unrecognized arguments" error (exit 2)."""
+    parser = parser or build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args, extras = parser.parse_known_args(argv)
+    command_parser = getattr(args, "command_parser", None) or parser
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    unknown = [e for e in extras if e.startswith("-") or not takes_overrides]
+    if unknown:
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if not takes_overrides:
+        return args
+    found = list(args.overrides) + extras
+    data_files = getattr(args, "data_files", None)
+    if data_files:
+        swallowed = [f for f in data_files if OVERRIDE.match(f) and not Path(f).exists()]
+        if swallowed and len(swallowed) == len(data_files):
+            command_parser.error(f"--data-files needs a text file or directory before the overrides "
+                                 f"({swallowed[0]} is a KEY=VALUE override, not a file)")
+        args.data_files = [f for f in data_files if f not in swallowed]
+        found += swallowed
+    # In command-line order: walk argv, taking each override where it stands.
+    left = collections.Counter(found)
+    ordered = []
+    for token in argv:
+        if left[token] > 0:
+            ordered.append(token)
+            left[token] -= 1
+    args.overrides = ordered + list(left.elements())
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported and probes for one
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         code = args.run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"smoe: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a checkpoint the disk refused (full, I/O error, no permission)
+        from .checkpoint import CheckpointWriteError
+
+        if not isinstance(error, CheckpointWriteError):
+            raise
+        print(f"smoe: error: {error}", file=sys.stderr)
+        return 4
     except RuntimeError as error:
         from .train import TrainingDiverged
 

@@ -113,6 +113,9 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must not be negative")
         if not method.dense:
+            if self.num_experts % self.ep_size:
+                raise ValueError(f"ep_size ({self.ep_size}) does not divide num_experts ({self.num_experts}): "
+                                 f"use an ep_size that divides {self.num_experts}")
             moe_layers(self.moe_layers, self.n_layer)
             self.k_schedule().check_experts(self.num_experts)
             bad = [k for k in self.eval_ks if not 1 <= k <= self.num_experts]

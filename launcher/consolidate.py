@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from smoe.model.transformer_xl import TransformerXL
 
-from .checkpoint import latest_tag
+from .checkpoint import loadable_tag
 from .config import TrainConfig
 from .run_dir import RunDir
 
@@ -42,11 +42,9 @@ def build_single_process_model(config: TrainConfig) -> TransformerXL:
 def consolidate(run_dir: Path, out: Path) -> Path:
     run = RunDir(Path(run_dir))
     config = replace(run.load_config(), ep_size=1)
-    tag = latest_tag(run.checkpoints)
-    if tag is None:
-        raise ValueError(f"{run.checkpoints} holds no complete checkpoint: train (or resume) the run first")
-    state = full_state_dict(run.checkpoints / tag)
     model = build_single_process_model(config)
+    tag = loadable_tag(run.checkpoints, model)  # checked file by file; an older one if the newest is damaged
+    state = full_state_dict(run.checkpoints / tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {run.checkpoints / tag} does not fit the run's config "

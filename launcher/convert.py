@@ -29,6 +29,10 @@ def run(args) -> None:
 
     from smoe.model.bert import MODELS, from_dense
 
+    if args.num_experts < 1:
+        raise ValueError(f"--num-experts {args.num_experts} must be at least 1 (and divide intermediate_size)")
+    if args.k is not None and not 1 <= args.k <= args.num_experts:
+        raise ValueError(f"--k {args.k} must be between 1 and --num-experts ({args.num_experts})")
     dense_dir = Path(args.dense_dir)
     if not (dense_dir / "config.json").is_file():
         raise FileNotFoundError(f"{dense_dir} holds no config.json: pass a directory written by save_pretrained")

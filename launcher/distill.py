@@ -73,6 +73,9 @@ class Distillation(TaskModel):
 
 def teacher_dir(path: Path) -> tuple[Path, dict | None]:
     """The fine-tuned model of a `smoe finetune sst2` run, and the run's result (None given a bare directory)."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"--teacher {path} " + ("is a file" if path.exists() else "does not exist")
+                                + ": pass a `smoe finetune sst2` run (or its model/ directory)")
     result_file = path / "result.json"
     if result_file.is_file():
         result = json.loads(result_file.read_text())
@@ -89,8 +92,12 @@ def teacher_dir(path: Path) -> tuple[Path, dict | None]:
 def run(args) -> None:
     from .build import init_distributed
 
-    if args.temperature <= 0 or not 0 <= args.alpha <= 1:
-        raise ValueError(f"--temperature ({args.temperature}) must be positive and --alpha ({args.alpha}) in [0, 1]")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature {args.temperature} must be positive, e.g. 2")
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"--alpha {args.alpha} must be in [0, 1]: the weight of the teacher's soft targets, e.g. 0.5")
+    if args.k is not None and args.k < 1:  # the upper bound needs the student: checked when it is built
+        raise ValueError(f"--k {args.k} must be at least 1")
     config = config_from(args)
     teacher_path, teacher_result = teacher_dir(Path(args.teacher))
     task = SST2()

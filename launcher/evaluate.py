@@ -208,8 +208,8 @@ def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path
     import json
     from dataclasses import replace
 
-    from .build import build_engine, build_model, init_distributed
-    from .checkpoint import latest_tag
+    from .build import build_engine, build_model, engine_config, init_distributed
+    from .checkpoint import loadable_tag
     from .run_dir import RunDir
 
     rank, world = init_distributed()
@@ -221,9 +221,6 @@ def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path
     if any(not 1 <= k <= config.num_experts for k in ks):
         raise ValueError(f"--k {','.join(map(str, ks))}: every k must be between 1 and num_experts "
                          f"({config.num_experts})")
-    tag = latest_tag(run.checkpoints)
-    if tag is None:
-        raise ValueError(f"{run.checkpoints} holds no complete checkpoint: train (or resume) the run first")
     if config.masked_lm:
         from .masked_lm import MaskedLMData, build_mlm_model
 
@@ -236,7 +233,10 @@ def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path
 
         splits = load_corpus(data_dir or config.data_dir or None, data_file or config.data_file or None)
         model, source, unit = build_model(config, rank), splits.source, "BPC"
-    engine = build_engine(config, model, world, None, training=False)
+    # Checked (every file there, readable, the model's shapes) before DeepSpeed loads it; an older one
+    # when the newest is damaged, with a note. The optimizer files are not needed here.
+    tag = loadable_tag(run.checkpoints, model)
+    engine = build_engine(config, model, engine_config(config, world, None, training=False), training=False)
     device = engine.device
     engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=False,
                            load_lr_scheduler_states=False, load_module_only=True)

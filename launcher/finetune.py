@@ -155,6 +155,8 @@ def run(args) -> None:
 
     task = get_task(args.task)
     config = config_from(args)
+    if args.k is not None and args.k < 1:  # the upper bound needs the model: checked when it is built
+        raise ValueError(f"--k {args.k} must be at least 1")
     model_dir = Path(args.model)
     family = model_family(model_dir)
     if family not in task.families:

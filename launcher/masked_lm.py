@@ -44,10 +44,33 @@ def seeded_cpu_rng(seed: int):
 def load_tokenizer(config: TrainConfig, saved_dir, texts):
     """The tokenizer named by the config, else the one saved with the run, else a new one
     trained on ``texts`` (saved with the run by rank 0)."""
+    import os
+
     from transformers import AutoTokenizer
 
+    from .convert import TOKENIZER_FILES
+
     if config.tokenizer:
-        return AutoTokenizer.from_pretrained(config.tokenizer), config.tokenizer
+        # A path (a separator, or a leading "." or "/") must be a local tokenizer directory; a bare name goes to
+        # transformers (its cache or the hub), and its failure is said plainly. This project runs offline.
+        name = config.tokenizer
+        fix = ("pass a transformers tokenizer directory (holding tokenizer.json, tokenizer_config.json or "
+               "vocab.txt) as --tokenizer, or leave --tokenizer out to train one on the text")
+        local = os.sep in name or "/" in name or name.startswith(".")
+        if local:
+            path = Path(name)
+            if not path.is_dir():
+                raise FileNotFoundError(f"tokenizer {name} " + ("is a file" if path.exists() else "does not exist")
+                                        + f": {fix}")
+            if not any((path / file).is_file() for file in TOKENIZER_FILES):
+                raise ValueError(f"tokenizer {name} holds no tokenizer (no {', '.join(TOKENIZER_FILES)}): {fix}")
+        try:
+            return AutoTokenizer.from_pretrained(name), name
+        except (OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            what = (": transformers could not load it" if local else
+                    " is no local directory, and transformers could not load it as a hub name")
+            raise ValueError(f"tokenizer {name}{what} ({reason}): {fix}") from None
     if (saved_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(saved_dir), str(saved_dir)
     return train_tokenizer(texts, config.model, config.vocab_size), f"trained on the data ({config.vocab_size:,} tokens)"

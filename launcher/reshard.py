@@ -52,13 +52,6 @@ def optimizer_param_names(engine) -> list[str] | None:
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def expert_files_missing(tag_dir: Path, moe_layers: int, num_experts: int) -> list[str]:
-    """The expert files a model with these experts needs that the checkpoint lacks."""
-    return [f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
-            for layer in range(moe_layers) for expert in range(num_experts)
-            if not (tag_dir / f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt").is_file()]
-
-
 def move_optimizer(engine, tag_dir: Path, rank_states: list[dict], saved_ep_size: int) -> bool:
     """Give every parameter its saved Adam state; False when that is impossible (wrapped optimizer)."""
     names_now = optimizer_param_names(engine)

@@ -187,7 +187,7 @@ def copy_all_but_feedforward(source: nn.Module, target: nn.Module) -> None:
 
 
 def run(args) -> None:
-    from .checkpoint import latest_tag
+    from .checkpoint import latest_tag, loadable_tag
     from .consolidate import full_state_dict
     from .run_dir import RunDir
 
@@ -205,6 +205,7 @@ def run(args) -> None:
     if not 1 <= budget <= experts:
         raise ValueError(f"--budget {budget} must be between 1 and the run's {experts} experts")
     model = family.build(config)
+    tag = loadable_tag(run_dir.checkpoints, model)  # checked file by file; an older one if the newest is damaged
     model.load_state_dict(full_state_dict(run_dir.checkpoints / tag))
     width = config.d_inner // experts
     report = {"run": str(run_dir.root), "checkpoint": tag, "run_experts": experts, "budget": budget,

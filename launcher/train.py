@@ -27,10 +27,11 @@ from deepspeed.runtime.utils import clip_grad_norm_
 
 from smoe.data import OrderedStream, check_fits, load_corpus
 from smoe.routing import TopKSchedule
+from smoe.model.parallel import init_expert_parallel
 from smoe.model.transformer_xl import lm_loss
 
 from . import checkpoint, deepspeed_config
-from .build import any_rank, build_engine, build_model, init_distributed
+from .build import any_rank, build_engine, build_model, engine_config, init_distributed
 from .config import TrainConfig, check_resume_compatible
 from .run_dir import RunDir, RunDirLocked, WriterLock
 from .evaluate import (LN2, evaluate, flops_per_token, format_header, moe_layers_of, rows_to_json, set_top_k,
@@ -98,11 +99,15 @@ class Trainer:
         self.config = config = self._check_run_dir(config, resume, fresh_ok)
         self._load_data()
         self.rank, self.world = init_distributed()
+        # Refused on the real world size before the run is locked or written: a DeepSpeed config or
+        # batch layout that does not fit, an ep_size that does not divide the ranks.
+        ds = engine_config(config, self.world, self.paths.tensorboard)
+        init_expert_parallel(config.ep_size)
         self.writer = WriterLock(self.paths)
         self._lock_run_dir()
         self.train_stream = self._train_stream()
         torch.manual_seed(config.seed + self.rank)  # dropout differs across ranks, reproducibly
-        self.engine = build_engine(config, self._build_model(), self.world, self.paths.tensorboard)
+        self.engine = build_engine(config, self._build_model(), ds)
         self.device = self.engine.device  # this rank's device: DeepSpeed placed the model there
         self.schedule = config.k_schedule()
         self.thor = config.method == "thor"

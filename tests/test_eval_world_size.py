@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smoe.data import OrderedStream, load_corpus
-from smoe.launcher.build import build_engine, build_model
+from smoe.launcher.build import build_engine, build_model, engine_config
 from smoe.launcher.config import build_config, parse_override
 from smoe.launcher.distributed import spawn
 from smoe.launcher.evaluate import evaluate
@@ -26,7 +26,8 @@ def txl_config(corpus, **overrides):
 
 def _txl_bpc_on_ranks(rank, world, corpus, overrides, out):
     config = txl_config(corpus, **overrides)
-    engine = build_engine(config, build_model(config, rank), world, None, training=False)
+    engine = build_engine(config, build_model(config, rank), engine_config(config, world, None, training=False),
+                          training=False)
     valid = load_corpus(data_file=config.data_file).valid
     stream = OrderedStream(valid, config.eval_batch_size, config.eval_tgt_len, rank, world, name="valid")
     loss = evaluate(engine.module, stream, config.eval_mem_len)
