@@ -138,8 +138,8 @@ def _add_bench(commands) -> None:
     _set_run(layer, _run_bench_layer)
     from . import bench_quality
 
-    quality = benches.add_parser("quality", help="BPC by k after training smoe-dropout, smoe-learned and dense "
-                                                 "with the same budget", description=bench_quality.__doc__,
+    quality = benches.add_parser("quality", help="BPC by k of methods trained with the same budget, over seeds, "
+                                                 "with paired differences to dense", description=bench_quality.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_quality.add_arguments(quality)
     _set_run(quality, _run_bench_quality)
@@ -161,8 +161,14 @@ def _run_bench_quality(args) -> None:
     from .config import build_config, parse_override
 
     overrides = dict(parse_override(text) for text in args.overrides)
-    for method in args.methods.split(","):
-        build_config(args.preset, {**overrides, "method": method})
+    seeds = bench_quality.parse_seeds(args.seeds)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs} must be at least 1")
+    for variant in bench_quality.parse_methods(args.methods):
+        own = dict(parse_override(text) for text in variant.overrides)
+        for seed in seeds:
+            build_config(args.preset, {**overrides, **own, "method": variant.method,
+                                       **({} if seed is None else {"seed": seed})})
     if args.data_file:
         check_byte_file(args.data_file)
     else:

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from importlib.resources import files
 
 from smoe.data.mlm import check_block_fits
-from smoe.model.feedforward import FeedForwardSpec, get_method, moe_layers
+from smoe.model.feedforward import FeedForwardSpec, combine_scale_value, get_method, moe_layers
 from smoe.model.transformer_xl import TransformerXLConfig
 from smoe.routing import TopKSchedule
 
-# Fields that fix the shapes of the saved tensors: a resume must not change them.
-# (ep_size may change: the checkpoint is resharded.)
+# Fields that fix the shapes of the saved tensors, or what the trained weights compute: a
+# resume must not change them. (ep_size may change: the checkpoint is resharded.)
 SHAPE_FIELDS = ("model", "n_layer", "d_model", "n_head", "d_head", "d_inner", "num_experts", "method", "moe_layers",
-                "vocab_size")
+                "vocab_size", "combine_scale")
 
 
 MODELS = ("transformer-xl", "bert", "roberta")
@@ -69,6 +69,9 @@ class TrainConfig:
     dropblock_size: int = 64
     ep_size: int = 1
     dispatch: str = "auto"
+    # each chosen expert's weight times this: N (inverted dropout) or 1 (the paper's); empty: the
+    # method's default. Saved as a number, so a slimmed run (fewer experts) keeps its scale.
+    combine_scale: str = ""
     # optimisation
     batch_size: int = 22  # global, over all data-parallel ranks
     grad_accum: int = 1  # micro-batches per optimizer step: batch_size = micro x grad_accum x ranks
@@ -95,6 +98,8 @@ class TrainConfig:
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
         self.data_files = tuple(str(f) for f in self.data_files)
         method = get_method(self.method)
+        scale = combine_scale_value(self.combine_scale or method.combine_scale, self.num_experts)
+        self.combine_scale = f"{scale:g}"
         for name, allowed in (("model", MODELS), ("lr_decay", ("cosine", "linear"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} '{getattr(self, name)}' is unknown: use one of {', '.join(allowed)}")
@@ -154,7 +159,8 @@ class TrainConfig:
                                self.num_experts, self.k_schedule()(0), dropout=self.dropout,
                                balance_coef=self.balance_coef, z_loss_coef=self.z_loss_coef,
                                dropblock_size=self.dropblock_size, vocab_size=self.vocab_size,
-                               ep_size=self.ep_size, dispatch=self.dispatch, seed=self.seed)
+                               ep_size=self.ep_size, dispatch=self.dispatch, seed=self.seed,
+                               combine_scale=float(self.combine_scale))
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -166,6 +172,11 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         _check_keys(values)
         return cls(**values)
+
+    @classmethod
+    def from_saved(cls, values: dict) -> "TrainConfig":
+        """A run's saved config. Runs saved before ``combine_scale`` existed were trained with 1."""
+        return cls.from_dict({"combine_scale": "1", **values})
 
 
 def presets() -> dict[str, dict]:
@@ -224,5 +235,5 @@ def check_resume_compatible(saved: TrainConfig, current: TrainConfig) -> None:
     changed = [f"{name}: saved {getattr(saved, name)!r}, now {getattr(current, name)!r}"
                for name in SHAPE_FIELDS if getattr(saved, name) != getattr(current, name)]
     if changed:
-        raise ValueError("cannot resume: the config changes the model's shape (" + "; ".join(changed) +
+        raise ValueError("cannot resume: the config changes the model (" + "; ".join(changed) +
                          "). Resume with the saved values, or start a new run in another --out directory")

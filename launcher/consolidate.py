@@ -71,7 +71,7 @@ def read_consolidated(path: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]
         if CONFIG_KEY not in metadata:
             raise ValueError(f"{path} is not a consolidated smoe model (no '{CONFIG_KEY}' metadata): "
                              "make one with `smoe ckpt consolidate RUN OUT`")
-        config = TrainConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        config = TrainConfig.from_saved(json.loads(metadata[CONFIG_KEY]))
         return config, {name: f.get_tensor(name) for name in f.keys()}
 
 

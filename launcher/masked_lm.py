@@ -89,7 +89,7 @@ def build_mlm_model(config: TrainConfig, pad_token_id: int, rank: int = 0):
         method=config.method, num_experts=config.num_experts, top_k=config.k_schedule()(0),
         moe_layers=config.moe_layers, ep_size=config.ep_size, balance_coef=config.balance_coef,
         z_loss_coef=config.z_loss_coef, dropblock_size=config.dropblock_size, dispatch=config.dispatch,
-        router_seed=config.seed)
+        router_seed=config.seed, combine_scale=float(config.combine_scale))
     with seeded_cpu_rng(config.seed):  # transformers draws the shared weights from the global RNG: same on every rank
         return model_class(hf_config, ep_rank=init_expert_parallel(config.ep_size), rank=rank)
 

@@ -47,7 +47,7 @@ class RunDir:
         if not self.config.is_file():
             raise ValueError(f"{self.root} is not a run directory (no config.json): "
                              "pass the --out of a `smoe train` run")
-        return TrainConfig.from_dict(json.loads(self.config.read_text()))
+        return TrainConfig.from_saved(json.loads(self.config.read_text()))
 
 
 class WriterLock:

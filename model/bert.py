@@ -57,7 +57,7 @@ def _spec(config) -> FeedForwardSpec:
                            dropout=hidden_dropout, balance_coef=config.balance_coef, z_loss_coef=config.z_loss_coef,
                            dropblock_size=config.dropblock_size, vocab_size=config.vocab_size,
                            ep_size=config.ep_size, dispatch=config.dispatch, seed=config.router_seed,
-                           init_std=config.initializer_range)
+                           init_std=config.initializer_range, combine_scale=config.combine_scale)
 
 
 def install_feedforward(model: nn.Module, ep_rank: int = 0, rank: int = 0) -> None:
@@ -102,6 +102,7 @@ class SMoEFields(PreTrainedConfig):
     dropblock_size: int = 64
     dispatch: str = "auto"
     router_seed: int = 0  # routers and experts are drawn from it: the same on every rank
+    combine_scale: float = 1.0  # MoEConfig.combine_scale; 1 for directories written before it existed
 
 
 class SMoEBertConfig(SMoEFields, BertConfig):
@@ -154,17 +155,21 @@ def dense_mlp(layer: nn.Module) -> MLP:
     return mlp
 
 
-def weighted_experts(mlp: MLP, num_experts: int) -> list[MLP]:
-    """:func:`modularize` with each expert's output scaled by N.
+def weighted_experts(mlp: MLP, num_experts: int, combine_scale: float) -> list[MLP]:
+    """:func:`modularize` with each expert's output scaled by N / combine_scale.
 
-    The router's weights sum to one over the chosen experts, and the N slices of a dense
-    MLP sum to it: scaled by N, equal weights at k = N give back the dense MLP exactly,
-    and k < N keeps the output's scale, as inverted dropout does."""
+    The router's weights sum to one over the chosen experts, the layer multiplies them by
+    ``combine_scale``, and the N slices of a dense MLP sum to it: with the experts scaled
+    by the rest of N, equal weights at k = N give back the dense MLP exactly, and k < N
+    keeps the output's scale, as inverted dropout does. With combine_scale = N the
+    slices are taken as they are."""
     experts = modularize(mlp, num_experts)
-    with torch.no_grad():
-        for expert in experts:
-            expert.fc2.weight.mul_(num_experts)
-            expert.fc2.bias.mul_(num_experts)
+    factor = num_experts / combine_scale
+    if factor != 1.0:
+        with torch.no_grad():
+            for expert in experts:
+                expert.fc2.weight.mul_(factor)
+                expert.fc2.bias.mul_(factor)
     return experts
 
 
@@ -189,7 +194,7 @@ def from_dense(dense: nn.Module, family: str, **fields) -> nn.Module:
         mlp = dense_mlp(dense_layer)
         block = layer.output.block
         if hasattr(block, "load_experts"):
-            block.load_experts(weighted_experts(mlp, config.num_experts))
+            block.load_experts(weighted_experts(mlp, config.num_experts, config.combine_scale))
         else:  # a layer that stays dense
             block.mlp.load_state_dict(mlp.state_dict())
     return model

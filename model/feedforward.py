@@ -23,6 +23,7 @@ class Method:
     regularizer: str = "dropout"  # dense methods: dropout, concrete or dropblock
     increasing_k: bool = True  # k grows k_min -> k_max; else fixed at k_fixed
     consistency: bool = False  # THOR: two passes and a symmetric KL term
+    combine_scale: str = "1"  # routed methods: "1" (the paper's mean of k experts) or "N" (see MoEConfig)
 
     @property
     def dense(self) -> bool:
@@ -48,6 +49,20 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"method '{name}' is unknown: use one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def combine_scale_value(text: str, num_experts: int) -> float:
+    """``"N"`` (inverted dropout: the layer's expected output is the dense MLP's) or a positive number."""
+    if text.strip().upper() == "N":
+        return float(num_experts)
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ValueError(f"combine_scale '{text}' is not N or a positive number: use combine_scale=N "
+                         "(inverted dropout) or combine_scale=1 (the paper's)")
+    return value
 
 
 def moe_layers(selection: str, n_layer: int) -> list[int]:
@@ -89,6 +104,7 @@ class FeedForwardSpec:
     dispatch: str = "auto"
     seed: int = 0  # layer i's block is initialised from seed + 101 * i: the same on every rank
     init_std: float = 0.02
+    combine_scale: float = 1.0  # see MoEConfig.combine_scale
 
 
 def feedforward_factory(spec: FeedForwardSpec, ep_rank: int = 0, rank: int = 0):
@@ -105,7 +121,8 @@ def feedforward_factory(spec: FeedForwardSpec, ep_rank: int = 0, rank: int = 0):
             return dense
         config = MoEConfig(spec.d_model, spec.d_ff, spec.num_experts, spec.k, method.router, spec.ep_size,
                            spec.activation, spec.dropout, spec.balance_coef, spec.z_loss_coef, spec.vocab_size,
-                           seed=spec.seed + 101 * layer, init_std=spec.init_std, dispatch=spec.dispatch)
+                           seed=spec.seed + 101 * layer, init_std=spec.init_std, dispatch=spec.dispatch,
+                           combine_scale=spec.combine_scale)
         return SMoE(config, ep_rank=ep_rank, rank=rank)
 
     return make_ffn

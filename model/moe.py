@@ -19,7 +19,7 @@ What is DeepSpeed's and what is ours:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from deepspeed.moe.experts import Experts
@@ -54,6 +54,11 @@ class MoEConfig:
     seed: int = 0  # router and expert initialisation: the same on every rank
     init_std: float = 0.02
     dispatch: str = "auto"
+    # Each chosen expert's weight is the router's (summing to 1 over the k chosen) times this:
+    # 1 is the paper's mean of k experts; N (num_experts) is inverted dropout, an expected
+    # output equal to the dense MLP's (the sum of all N slices) at every k. A number, not "N",
+    # so a slimmed layer keeps the scale it was trained with.
+    combine_scale: float = 1.0
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -76,6 +81,9 @@ class MoEConfig:
                              f"use one of {', '.join(ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MoEConfig.dropout ({self.dropout}) must be in [0, 1)")
+        if not self.combine_scale > 0:
+            raise ValueError(f"MoEConfig.combine_scale ({self.combine_scale}) must be positive: use 1 (the paper's) "
+                             f"or num_experts ({self.num_experts}, inverted dropout)")
         if self.router == "hash" and not self.vocab_size:
             raise ValueError("MoEConfig.vocab_size is needed by the hash router: set it to the vocabulary size")
 
@@ -87,6 +95,7 @@ class ExpertDispatcher(MOELayer):
         super().__init__(router, experts, f"ep_size_{config.ep_size}", config.ep_size, experts.num_local_experts)
         self.num_experts = config.num_experts
         self.dispatch = config.dispatch
+        self.combine_scale = config.combine_scale
         self.ep_rank = ep_rank
 
     def _set_ep_group(self, ep_group):
@@ -104,6 +113,8 @@ class ExpertDispatcher(MOELayer):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         x_TD = x.reshape(-1, x.shape[-1])
         routes = self.gate(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        if self.combine_scale != 1.0:  # here only: every dispatch path below combines with these weights
+            routes = replace(routes, weights_TK=routes.weights_TK * self.combine_scale)
         self.l_aux = routes.aux_loss
         self.exp_counts = routes.counts_N
         experts = list(self.experts.deepspeed_experts)

@@ -84,6 +84,24 @@ def test_convert_splits_a_dense_checkpoint_into_experts(family, dense_class, con
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", ["1", "N"])
+def test_a_converted_model_is_the_dense_one_at_k_n_whatever_the_combine_scale(scale, tmp_path):
+    torch.manual_seed(0)
+    dense = BertForMaskedLM(BertConfig(**SHAPE)).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    result = smoe("convert", tmp_path / "dense", tmp_path / "smoe", "--num-experts", "4", "--method", "hash",
+                  "--combine-scale", scale)
+    assert f"combine_scale={1 if scale == '1' else 4}" in result.stdout
+    converted = AutoModelForMaskedLM.from_pretrained(tmp_path / "smoe").eval()
+    assert converted.config.combine_scale == (1.0 if scale == "1" else 4.0)
+    # the layer scales the weights, so the experts must not be scaled again: once, in one place
+    expert = converted.base_model.encoder.layer[0].output.block.local_experts[0]
+    slice_ = dense.base_model.encoder.layer[0].output.dense.weight[:, :SHAPE["intermediate_size"] // 4]
+    torch.testing.assert_close(expert.fc2.weight, slice_ * (4.0 if scale == "1" else 1.0))
+    torch.testing.assert_close(converted(input_ids=inputs()).logits, dense(input_ids=inputs()).logits,
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_convert_copies_the_tokenizer(tmp_path):
     from smoe.data.mlm import train_tokenizer
 

@@ -48,12 +48,17 @@ CASES = {
     "train-unknown-method": ([*TRAIN, "--method", "nope"], 2, ["method 'nope' is unknown", "smoe-dropout"]),
     "train-unknown-moe-layers": ([*TRAIN, "moe_layers=bogus"], 2, ["moe_layers 'bogus' is unknown", "every-2"]),
     "train-unknown-lr-decay": ([*TRAIN, "lr_decay=step"], 2, ["lr_decay 'step' is unknown", "cosine"]),
+    "train-bad-combine-scale": ([*TRAIN, "combine_scale=half"], 2, ["combine_scale 'half' is not N or a positive "
+                                                                     "number", "combine_scale=1 (the paper's)"]),
     # smoe train: the run directory
     "train-resume-no-run": ([*TRAIN, "--resume"], 2, ["--resume", "holds no run (no config.json)", "drop --resume"]),
     "train-into-existing-run": (["train", "--data-file", "{corpus}", "--out", "{run}", *SMALL], 2,
                                 ["already holds a run", "pass --resume", "nothing was overwritten"]),
     "train-resume-new-shape": (["train", "--data-file", "{corpus}", "--out", "{run}", *SMALL, "d_model=64",
                                 "--resume"], 2, ["cannot resume", "d_model: saved 32, now 64"]),
+    "train-resume-new-combine-scale": (["train", "--data-file", "{corpus}", "--out", "{run}", *SMALL,
+                                        "combine_scale=3", "--resume"], 2,
+                                       ["cannot resume", "combine_scale: saved", "now '3'"]),
     # smoe train: data and tokenizer
     "train-data-file-missing": (["train", "--data-file", "{root}/nope.txt", "--out", "{out}", *SMALL], 2,
                                 ["data file", "nope.txt does not exist", "--data-file"]),
@@ -153,6 +158,8 @@ CASES = {
                                ["--k 9 must be between 1 and --num-experts (4)"]),
     "convert-unknown-method": (["convert", "{dense}", "{out}", "--num-experts", "4", "--method", "nope"], 2,
                                ["method 'nope' is unknown"]),
+    "convert-bad-combine-scale": (["convert", "{dense}", "{out}", "--num-experts", "4", "--combine-scale", "-2"], 2,
+                                  ["combine_scale '-2' is not N or a positive number"]),
     "convert-not-ours-to-convert": (["convert", "{slim}", "{out}"], 2, ["holds no config.json"]),
     # smoe ckpt consolidate
     "consolidate-not-a-run": (["ckpt", "consolidate", "{empty}", "{out}/model.safetensors"], 2,
@@ -177,6 +184,15 @@ CASES = {
                                   2, ["config key 'max_stepz' does not exist"]),
     "bench-quality-unknown-method": (["bench", "quality", "--data-file", "{corpus}", "--out", "{out}",
                                       "--methods", "smoe-dropout,nope"], 2, ["method 'nope' is unknown"]),
+    "bench-quality-unknown-variant-key": (["bench", "quality", "--data-file", "{corpus}", "--out", "{out}",
+                                           "--methods", "dense,smoe-dropout:combine_scal=1"], 2,
+                                          ["config key 'combine_scal' does not exist", "'combine_scale'"]),
+    "bench-quality-variant-without-method": (["bench", "quality", "--data-file", "{corpus}", "--out", "{out}",
+                                              "--methods", ":combine_scale=1"], 2, ["names no method"]),
+    "bench-quality-seeds-not-integers": (["bench", "quality", "--data-file", "{corpus}", "--out", "{out}",
+                                          "--seeds", "0,one"], 2, ["--seeds 0,one: expected comma-separated integers"]),
+    "bench-quality-jobs-0": (["bench", "quality", "--data-file", "{corpus}", "--out", "{out}", "--jobs", "0"], 2,
+                             ["--jobs 0 must be at least 1"]),
     # the command itself
     "unknown-subcommand": (["frobnicate"], 2, ["invalid choice: 'frobnicate'"]),
     "no-subcommand": ([], 2, ["the following arguments are required: COMMAND"]),

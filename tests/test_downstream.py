@@ -23,9 +23,10 @@ def tokens(seed=0):
     return torch.randn(40, 16, generator=g), torch.randint(0, 50, (40,), generator=g)
 
 
+@pytest.mark.parametrize("combine_scale", [1.0, 8.0])
 @pytest.mark.parametrize("router", ["random-frozen", "learned", "hash"])
-def test_keeping_every_expert_changes_nothing(router):
-    layer = SMoE(replace(LAYER, router=router)).eval()
+def test_keeping_every_expert_changes_nothing(router, combine_scale):
+    layer = SMoE(replace(LAYER, router=router, combine_scale=combine_scale)).eval()
     x, ids = tokens()
     torch.testing.assert_close(keep_experts(layer, list(range(8)))(x, ids)[0], layer(x, ids)[0])
 
@@ -44,6 +45,12 @@ def test_kept_experts_are_ranked_as_the_full_layer_ranked_them(router):
     else:  # the full router's logits of the kept experts, best first
         expected = kept[layer.router.proj(x)[:, keep].argsort(dim=-1, descending=True)]
     assert torch.equal(kept[slim.router(x, ids).expert_ids_TK], expected[:, :3])
+
+
+def test_a_slim_layer_keeps_the_combine_scale_it_was_trained_with():
+    layer = SMoE(replace(LAYER, router="hash", combine_scale=8.0)).eval()
+    slim = keep_experts(layer, [0, 2, 5])
+    assert slim.deepspeed_moe.combine_scale == 8.0  # N of the trained layer, not of the slim one
 
 
 def test_most_used_breaks_ties_by_id_and_refuses_bad_budgets():

@@ -22,12 +22,12 @@ def _forward_backward(layer, x, ids):
     return y.detach(), x.grad, counts
 
 
-def _compare_ep2_with_ep1(rank, world_size, router):
+def _compare_ep2_with_ep1(rank, world_size, router, combine_scale=1.0):
     import deepspeed.comm as dist
 
     ep_rank = init_expert_parallel(2)
     assert ep_rank == rank
-    config = replace(CFG, router=router)
+    config = replace(CFG, router=router, combine_scale=combine_scale)
     single = SMoE(config, rank=rank)  # every expert on this rank
     sharded = SMoE(replace(config, ep_size=2), ep_rank=ep_rank, rank=rank)
     sharded.set_deepspeed_parallelism()
@@ -75,6 +75,10 @@ def _compare_ep2_with_ep1(rank, world_size, router):
 @pytest.mark.parametrize("router", ROUTERS)
 def test_ep2_gives_the_outputs_and_gradients_of_ep1(router):
     spawn(_compare_ep2_with_ep1, 2, router)
+
+
+def test_ep2_honours_the_combine_scale():
+    spawn(_compare_ep2_with_ep1, 2, "random-frozen", 16.0)
 
 
 CPU_CONFIG = {**deepspeed_config.load("cpu")[0], "train_micro_batch_size_per_gpu": 4}

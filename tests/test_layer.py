@@ -52,10 +52,11 @@ def _run(layer, dispatch, x, ids):
     return y.detach(), x.grad, grads
 
 
+@pytest.mark.parametrize("combine_scale", [1.0, 16.0])
 @pytest.mark.parametrize("router", ["random-frozen", "learned", "hash"])
 @pytest.mark.parametrize("k", list(range(1, 17)))
-def test_fast_paths_equal_the_reference_loop(router, k):
-    layer = SMoE(replace(CFG, router=router, k=k))
+def test_fast_paths_equal_the_reference_loop(router, k, combine_scale):
+    layer = SMoE(replace(CFG, router=router, k=k, combine_scale=combine_scale))
     x, ids = batch(k)
     y_ref, gx_ref, g_ref = _run(layer, "reference", x, ids)
     for dispatch in ("sorted", "masked-dense"):
@@ -65,6 +66,31 @@ def test_fast_paths_equal_the_reference_loop(router, k):
         assert g.keys() == g_ref.keys()
         for name in g_ref:
             torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=f"{dispatch}: {name}")
+
+
+@pytest.mark.parametrize("dispatch", ["reference", "sorted", "masked-dense"])
+@pytest.mark.parametrize("router", ROUTERS)
+def test_combine_scale_multiplies_the_output_and_the_expert_gradients(router, dispatch):
+    x, ids = batch(3)
+    runs = {}
+    for scale in (1.0, 16.0):
+        layer = SMoE(replace(CFG, router=router, k=4, combine_scale=scale))  # random routers: the same draws
+        runs[scale] = _run(layer, dispatch, x, ids)
+    (y1, gx1, g1), (y16, gx16, g16) = runs[1.0], runs[16.0]
+    torch.testing.assert_close(y16, 16 * y1, rtol=1e-5, atol=1e-5)
+    # loss = sum(y^2): its gradient at y16 = 16 y1 is 16 times larger, and flows through 16 times the weights
+    for name in g1:
+        if ".experts." in name:
+            torch.testing.assert_close(g16[name], 256 * g1[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_inverted_scale_at_k_equals_n_with_equal_weights_is_the_dense_mlp():
+    torch.manual_seed(1)
+    dense = MLP(16, 128, "relu", 0.0)
+    layer = SMoE(replace(CFG, router="hash", k=16, combine_scale=16.0))
+    layer.load_experts(modularize(dense, 16))
+    x, ids = batch()
+    torch.testing.assert_close(layer(x, ids)[0], dense(x), rtol=1e-5, atol=1e-6)
 
 
 def test_masked_dense_dropout_matches_the_reference_in_expectation():
@@ -163,6 +189,7 @@ def test_experts_differ_and_depend_only_on_the_seed():
 
 
 @pytest.mark.parametrize("changes, message", [
+    ({"combine_scale": 0.0}, r"combine_scale \(0.0\) must be positive: use 1 \(the paper's\) or num_experts \(16"),
     (dict(k=0), r"MoEConfig.k \(0\) must be between 1 and num_experts \(16\)"),
     (dict(k=17), r"MoEConfig.k \(17\) must be between 1 and num_experts \(16\)"),
     (dict(ep_size=3), r"num_experts \(16\) is not divisible by ep_size \(3\)"),
