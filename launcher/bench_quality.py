@@ -83,11 +83,9 @@ def run_dir_of(out: Path, variant: Variant, seed: int | None) -> Path:
 def train_command(args, variant: Variant, seed: int | None, run_dir: Path) -> list[str]:
     data = ["--data-file", args.data_file] if args.data_file else ["--data-files", *args.data_files]
     command = [sys.executable, "-m", "smoe.launcher.cli", "train", "--preset", args.preset, "--method",
-               variant.method, *data, "--out", str(run_dir), *args.overrides, *variant.overrides]
+               variant.method, *data, "--out", str(run_dir), *args.overrides, *variant.overrides, "--auto-resume"]
     if seed is not None:
         command.append(f"seed={seed}")
-    if (run_dir / "config.json").is_file():
-        command.append("--resume")
     return command
 
 

@@ -63,3 +63,32 @@ def test_eval_and_consolidate_use_the_scale_the_run_was_trained_with(corpus, tmp
     paper.load_state_dict(model.state_dict())
     ids = torch.randint(0, 256, (2, 16))
     assert not torch.allclose(paper.eval()(ids).logits, model(ids).logits)
+
+
+def scales(model) -> set[float]:
+    return {layer.deepspeed_moe.combine_scale for layer in moe_layers_of(model)}
+
+
+def test_transformers_directories_carry_the_scale_and_older_ones_load_with_1(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from smoe.model.bert import SMoEBertConfig, SMoEBertForMaskedLM
+
+    config = SMoEBertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, num_experts=4, combine_scale=4.0)
+    SMoEBertForMaskedLM(config).save_pretrained(tmp_path / "new")
+    assert scales(AutoModelForSequenceClassification.from_pretrained(tmp_path / "new", num_labels=2)) == {4.0}
+    written = json.loads((tmp_path / "new" / "config.json").read_text())
+    del written["combine_scale"]
+    (tmp_path / "new" / "config.json").write_text(json.dumps(written))
+    assert scales(AutoModelForSequenceClassification.from_pretrained(tmp_path / "new", num_labels=2)) == {1.0}
+
+
+def test_a_transformer_xl_task_model_keeps_the_runs_scale(tmp_path):
+    from smoe.launcher.consolidate import save_consolidated
+    from smoe.model.txl_classifier import TransformerXLClassifier
+
+    config = build_config("tiny", {**OVERRIDES, "combine_scale": "N"})
+    save_consolidated(build_model(config), config, tmp_path / "model" / "model.safetensors")
+    classifier = TransformerXLClassifier.from_pretrained(tmp_path / "model", ["a b c"], num_labels=2, max_length=8)
+    assert scales(classifier) == {4.0}
