@@ -20,7 +20,8 @@ from pathlib import Path
 
 COLUMNS = ("Question", "Numbers", "Equation", "Answer")
 OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
-SLOT = re.compile(r"number(\d+)")
+SLOT_PREFIX = "number"  # the text's K-th number is the word numberK
+SLOT = re.compile(rf"{SLOT_PREFIX}(\d+)")
 CONSTANT = re.compile(r"\d+(\.\d+)?")
 TOLERANCE = 1e-4  # relative and absolute: answers are shipped as floats
 SOURCE = "the `data/` folder of the SVAMP repository (github.com/arkilpatel/SVAMP)"

@@ -107,7 +107,7 @@ def parse_ks(text: str, flag: str = "--k") -> list[int]:
 
 def _run_eval(args) -> None:
     from .checkpoint import latest_tag
-    from .evaluate import evaluate_run
+    from .eval_run import evaluate_run
     from .run_dir import RunDir
 
     ks = parse_ks(args.k) if args.k else None

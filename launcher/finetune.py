@@ -84,7 +84,7 @@ def batches(examples: list, batch_size: int, generator: torch.Generator, rank: i
 
 def set_k(model: TaskModel, k: int | None) -> int | None:
     """Top-k of every MoE layer set to ``k`` (default: as loaded); None for a dense model."""
-    from .evaluate import moe_layers_of, set_top_k, top_k_of
+    from smoe.model import moe_layers_of, set_top_k, top_k_of
 
     layers = moe_layers_of(model)
     if not layers or k is None:
@@ -105,7 +105,7 @@ def fine_tune(model: TaskModel, train: list, config: FinetuneConfig, what: str =
 
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from .evaluate import moe_layers_of
+    from smoe.model import moe_layers_of
     from .train import TrainingDiverged
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -202,7 +202,9 @@ def slim_record(model_dir: Path) -> dict:
 
 def describe(model: TaskModel, k: int | None) -> dict:
     """What the reports need of a fine-tuned model: its method, experts per layer, k and active parameters."""
-    from .evaluate import active_parameters, moe_layers_of
+    from smoe.model import moe_layers_of
+
+    from .evaluate import active_parameters
 
     layers = moe_layers_of(model)
     return {"method": model.method, "experts": layers[0].num_experts if layers else None, "k": k,

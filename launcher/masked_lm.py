@@ -26,7 +26,7 @@ from smoe.model.parallel import init_expert_parallel
 
 from .config import TrainConfig
 from .evaluate import sparse_flops
-from .train import Trainer, symmetric_kl
+from .train import Pass, Trainer
 
 SPLITS = {"valid": "validation", "test": "test"}
 
@@ -181,20 +181,12 @@ class MaskedLMTrainer(Trainer):
         chunks = {key: value.chunk(accum) for key, value in batch.items()}
         return [({key: chunks[key][i] for key in chunks}, None) for i in range(accum)]
 
-    def _losses(self, micro_batch: dict[str, torch.Tensor], _) -> tuple[dict[str, torch.Tensor], None]:
+    def _forward(self, micro_batch: dict[str, torch.Tensor], _) -> tuple[Pass, None]:
         inputs = {key: value.to(self.device, non_blocking=True) for key, value in micro_batch.items()}
         model = self.engine.module
         out = self.engine(**inputs)
-        ce = out.loss
-        losses = {"ce": ce, "aux": ce.new_zeros(()) + aux_loss(model), "counts": expert_counts(model)}
-        if self.thor:
-            second = self.engine(**inputs)
-            masked = inputs["labels"] != -100
-            consistency = symmetric_kl(out.logits[masked], second.logits[masked])
-            losses.update(ce=(ce + second.loss) / 2, aux=(losses["aux"] + aux_loss(model)) / 2,
-                          consistency=consistency)
-        losses["total"] = losses["ce"] + losses["aux"] + self.config.consistency_coef * losses.get("consistency", 0.0)
-        return losses, None
+        masked = inputs["labels"] != -100
+        return Pass(out.loss, out.loss.new_zeros(()) + aux_loss(model), expert_counts(model), out.logits[masked]), None
 
     def _carry(self, states: list) -> None:
         pass  # no state crosses steps

@@ -29,11 +29,11 @@ from torch import nn
 
 from smoe.model.dense import DenseFFN
 from smoe.model.feedforward import get_method
-from smoe.model.moe import SMoE
+from smoe.model.moe import SMoE, moe_layers_of, set_top_k
 from smoe.model.slim import keep_experts, most_used
 
 from .config import TrainConfig
-from .evaluate import model_size, moe_layers_of, set_top_k
+from .evaluate import model_size
 
 PARAMS_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 

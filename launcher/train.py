@@ -19,6 +19,7 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import deepspeed.comm as dist
 import torch
@@ -27,6 +28,8 @@ from deepspeed.runtime.utils import clip_grad_norm_
 
 from smoe.data import OrderedStream, check_fits, load_corpus
 from smoe.routing import TopKSchedule
+from smoe.model.feedforward import get_method
+from smoe.model.moe import moe_layers_of, set_top_k
 from smoe.model.parallel import init_expert_parallel
 from smoe.model.transformer_xl import lm_loss
 
@@ -34,8 +37,7 @@ from . import checkpoint, deepspeed_config
 from .build import any_rank, build_engine, build_model, engine_config, init_distributed
 from .config import TrainConfig, check_resume_compatible
 from .run_dir import RunDir, RunDirLocked, WriterLock
-from .evaluate import (LN2, evaluate, flops_per_token, format_header, moe_layers_of, rows_to_json, set_top_k,
-                       sweep)
+from .evaluate import LN2, evaluate, flops_per_token, format_header, rows_to_json, sweep
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,6 +90,26 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+class Pass(NamedTuple):
+    """One forward pass over a micro-batch, as the loss needs it."""
+
+    ce: torch.Tensor
+    aux: torch.Tensor  # the layers' auxiliary losses
+    counts: list  # per layer: tokens per expert (None for a dense layer)
+    logits: torch.Tensor  # at the scored positions, for THOR's consistency term
+
+
+def micro_batch_losses(first: Pass, second: Pass | None, consistency_coef: float) -> dict:
+    """Cross-entropy + aux of one pass; with a second pass (THOR: each draws its own experts),
+    the two passes' mean + ``consistency_coef`` x their symmetric KL."""
+    if second is None:
+        return {"ce": first.ce, "aux": first.aux, "counts": first.counts, "total": first.ce + first.aux}
+    ce, aux = (first.ce + second.ce) / 2, (first.aux + second.aux) / 2
+    consistency = symmetric_kl(first.logits, second.logits)
+    return {"ce": ce, "aux": aux, "counts": first.counts, "consistency": consistency,
+            "total": ce + aux + consistency_coef * consistency}
+
+
 class Trainer:
     """The loop and its state: engine, streams, schedule, step, Transformer-XL memory."""
 
@@ -110,7 +132,7 @@ class Trainer:
         self.engine = build_engine(config, self._build_model(), ds)
         self.device = self.engine.device  # this rank's device: DeepSpeed placed the model there
         self.schedule = config.k_schedule()
-        self.thor = config.method == "thor"
+        self.two_passes = get_method(config.method).consistency  # THOR's consistency term
         self.has_experts = bool(moe_layers_of(self.engine.module))
         self.optimizer_wrapped = deepspeed_config.wraps_optimizer(self.engine.config)
         self.overflows = OverflowGuard(self.engine.config, config.overflow_patience)
@@ -204,18 +226,10 @@ class Trainer:
         mems = [None] * accum if self.mems is None else list(zip(*(m.chunk(accum) for m in self.mems)))
         return zip(zip(segment.inputs.chunk(accum), segment.targets.chunk(accum)), mems)
 
-    def _losses(self, micro_batch, mems) -> tuple[dict[str, torch.Tensor], list]:
+    def _forward(self, micro_batch, mems) -> tuple[Pass, list]:
         inputs, targets = (t.to(self.device, non_blocking=True) for t in micro_batch)
         out = self.engine(inputs, mems)
-        ce, aux = lm_loss(out.logits, targets), out.aux_loss
-        losses = {"ce": ce, "aux": aux, "counts": out.expert_counts}
-        if self.thor:
-            second = self.engine(inputs, mems)
-            ce = (ce + lm_loss(second.logits, targets)) / 2
-            aux = (aux + second.aux_loss) / 2
-            losses.update(ce=ce, aux=aux, consistency=symmetric_kl(out.logits, second.logits))
-        losses["total"] = ce + aux + self.config.consistency_coef * losses.get("consistency", 0.0)
-        return losses, out.mems
+        return Pass(lm_loss(out.logits, targets), out.aux_loss, out.expert_counts, out.logits), out.mems
 
     def _carry(self, states: list) -> None:
         """What the micro-batches leave for the next step: Transformer-XL's memory rows."""
@@ -245,7 +259,9 @@ class Trainer:
         for micro, (micro_batch, state) in enumerate(self._micro_batches(batch)):
             if micro:
                 self.engine.step()  # DeepSpeed counts micro-steps and updates only at the last one
-            losses, state = self._losses(micro_batch, state)
+            first, next_state = self._forward(micro_batch, state)
+            second = self._forward(micro_batch, state)[0] if self.two_passes else None
+            losses, state = micro_batch_losses(first, second, self.config.consistency_coef), next_state
             self.engine.backward(losses["total"])
             sums += torch.stack([losses[key].detach().float() if key in losses else sums.new_zeros(())
                                  for key in ("ce", "aux", "consistency")])
@@ -272,7 +288,7 @@ class Trainer:
         self.step += 1
         return {"k": k, "ce": ce, "aux": aux, "counts": counts, "stop": stop > 0,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                "consistency": consistency if self.thor else None}
+                "consistency": consistency if self.two_passes else None}
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> None:

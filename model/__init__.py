@@ -2,8 +2,8 @@
 
 from .dense import DenseConfig, DenseFFN
 from .mlp import MLP, modularize
-from .moe import MoEConfig, SMoE
+from .moe import MoEConfig, SMoE, moe_layers_of, set_top_k, top_k_of
 from .parallel import init_expert_parallel, optimizer_param_groups
 
 __all__ = ["MLP", "DenseConfig", "DenseFFN", "MoEConfig", "SMoE", "init_expert_parallel", "modularize",
-           "optimizer_param_groups"]
+           "moe_layers_of", "optimizer_param_groups", "set_top_k", "top_k_of"]

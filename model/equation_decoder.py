@@ -17,15 +17,28 @@ Shapes: B batch, T equation tokens, L text tokens, S number slots, D width, V vo
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from smoe.data.mwp import OPERATORS, SLOT
-
 START = "<start>"  # the input before the first token; never an output
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What the decoder writes, handed in by the task: prefix equations whose ``operators``
+    each take two operands, over constants and number slots ``{slot_prefix}K``."""
+
+    operators: tuple[str, ...]
+    slot_prefix: str = "number"
+
+    def slot(self, token: str) -> int | None:
+        """K for the slot token ``{slot_prefix}K``, else None."""
+        match = re.fullmatch(rf"{re.escape(self.slot_prefix)}(\d+)", token)
+        return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -42,11 +55,12 @@ class DecoderConfig:
 
 
 class EquationDecoder(nn.Module):
-    def __init__(self, config: DecoderConfig, symbols: list[str]):
+    def __init__(self, config: DecoderConfig, symbols: list[str], grammar: Grammar):
         super().__init__()
-        if START in symbols or any(SLOT.fullmatch(symbol) for symbol in symbols):
+        if START in symbols or any(grammar.slot(symbol) is not None for symbol in symbols):
             raise ValueError(f"symbols {symbols} must not hold {START} or number slots: slots come from the text")
         self.config = config
+        self.grammar = grammar
         self.symbols = [START, *symbols]
         self.symbol_ids = {symbol: i for i, symbol in enumerate(self.symbols)}
         d = config.d_model
@@ -61,13 +75,13 @@ class EquationDecoder(nn.Module):
 
     def ids(self, equation: tuple[str, ...]) -> list[int]:
         """Output ids of an equation's tokens; a constant outside the vocabulary raises KeyError."""
-        slot = len(self.symbols)
-        return [slot + int(match.group(1)) if (match := SLOT.fullmatch(token)) else self.symbol_ids[token]
+        first_slot = len(self.symbols)
+        return [self.symbol_ids[token] if (slot := self.grammar.slot(token)) is None else first_slot + slot
                 for token in equation]
 
     def tokens(self, ids: list[int]) -> tuple[str, ...]:
         slot = len(self.symbols)
-        return tuple(self.symbols[i] if i < slot else f"number{i - slot}" for i in ids)
+        return tuple(self.symbols[i] if i < slot else f"{self.grammar.slot_prefix}{i - slot}" for i in ids)
 
     def forward(self, ids_BT: torch.Tensor, memory_BLD: torch.Tensor, memory_mask_BL: torch.Tensor,
                 slots_BSD: torch.Tensor, slot_mask_BS: torch.Tensor) -> torch.Tensor:
@@ -103,7 +117,7 @@ class EquationDecoder(nn.Module):
             ids_BT = torch.cat([ids_BT, next_B.unsqueeze(1)], dim=1)
             for b, token in enumerate(self.tokens(next_B.tolist())):
                 if open_operands[b]:
-                    open_operands[b] += 1 if token in OPERATORS else -1
+                    open_operands[b] += 1 if token in self.grammar.operators else -1
                     if not open_operands[b]:
                         lengths[b] = step + 1
             if not any(open_operands):
@@ -121,10 +135,10 @@ class EquationDecoder(nn.Module):
                   out / "equation_decoder.safetensors")
 
     @classmethod
-    def load(cls, directory: Path) -> EquationDecoder:
+    def load(cls, directory: Path, grammar: Grammar) -> EquationDecoder:
         from safetensors.torch import load_file
 
         saved = json.loads((directory / "equation_decoder.json").read_text())
-        decoder = cls(DecoderConfig(**saved["config"]), saved["symbols"])
+        decoder = cls(DecoderConfig(**saved["config"]), saved["symbols"], grammar)
         decoder.load_state_dict(load_file(directory / "equation_decoder.safetensors"))
         return decoder

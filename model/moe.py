@@ -211,3 +211,20 @@ class SMoE(MoE):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None):
         y = self.deepspeed_moe(x, token_ids)
         return y, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
+
+
+def moe_layers_of(model: nn.Module) -> list[SMoE]:
+    """Every SMoE layer of a model, in module order."""
+    return [m for m in model.modules() if isinstance(m, SMoE)]
+
+
+def top_k_of(model: nn.Module) -> int | None:
+    """The k the model's MoE layers run at now; None for a dense model."""
+    layers = moe_layers_of(model)
+    return layers[0].top_k if layers else None
+
+
+def set_top_k(model: nn.Module, k: int) -> None:
+    """Every MoE layer of the model to top-k ``k`` (self-slimming at inference, the schedule in training)."""
+    for layer in moe_layers_of(model):
+        layer.set_top_k(k)

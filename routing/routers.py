@@ -207,13 +207,10 @@ class RandomRouter(Router):
 class ThorRouter(RandomRouter):
     """THOR (Zuo et al. 2022): random experts per token (two during training), no gate.
 
-    What THOR adds is in the loss: the loop runs ``consistency_passes`` forward passes,
-    each drawing its own experts from this router's generator, and adds
+    What THOR adds is in the loss (``Method.consistency``): the loop runs two forward
+    passes, each drawing its own experts from this router's generator, and adds
     ``consistency_coef`` times the symmetric KL between their predictions.
     """
-
-    consistency_passes = 2
-    consistency_coef = 2.0
 
 
 def build_router(name: str, *, d_model: int, num_experts: int, k: int, seed: int, vocab_size: int | None = None,

@@ -39,7 +39,7 @@ def build(method: str, k: int | None, shape: dict, device, dtype):
     import torch
 
     from smoe.launcher.config import build_config
-    from smoe.launcher.evaluate import moe_layers_of, set_top_k
+    from smoe.model import moe_layers_of, set_top_k
     from smoe.model.feedforward import feedforward_factory
     from smoe.model.transformer_xl import TransformerXL
 

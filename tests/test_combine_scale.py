@@ -9,7 +9,7 @@ import torch
 from smoe.launcher.build import build_model
 from smoe.launcher.config import build_config, parse_override
 from smoe.launcher.consolidate import load_consolidated
-from smoe.launcher.evaluate import moe_layers_of
+from smoe.model import moe_layers_of
 from smoe.launcher.run_dir import RunDir
 from smoe.launcher.slim import slim_config
 from smoe.model.feedforward import METHODS
@@ -86,7 +86,7 @@ def test_transformers_directories_carry_the_scale_and_older_ones_load_with_1(tmp
 
 def test_a_transformer_xl_task_model_keeps_the_runs_scale(tmp_path):
     from smoe.launcher.consolidate import save_consolidated
-    from smoe.model.txl_classifier import TransformerXLClassifier
+    from smoe.launcher.tasks.txl_classifier import TransformerXLClassifier
 
     config = build_config("tiny", {**OVERRIDES, "combine_scale": "N"})
     save_consolidated(build_model(config), config, tmp_path / "model" / "model.safetensors")

@@ -89,7 +89,7 @@ def test_slim_keeps_the_most_used_experts_and_budget_n_is_the_full_model(bert_ru
     ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     from smoe.launcher.consolidate import full_state_dict
     from smoe.launcher.config import TrainConfig
-    from smoe.launcher.evaluate import set_top_k
+    from smoe.model import set_top_k
     from smoe.launcher.masked_lm import build_mlm_model
 
     config = TrainConfig.from_dict(json.loads((bert_run / "config.json").read_text()))

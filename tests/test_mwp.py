@@ -13,7 +13,7 @@ import torch
 
 from smoe.data.mwp import EquationError, Problem, evaluate_prefix, read_problems, solve_counts, solves
 from smoe.launcher.tasks import get_task
-from smoe.launcher.tasks.mwp import slot_positions, symbols_of
+from smoe.launcher.tasks.mwp import GRAMMAR, slot_positions, symbols_of
 from smoe.model.equation_decoder import DecoderConfig, EquationDecoder
 
 from runs import smoe
@@ -127,7 +127,7 @@ def decoder_inputs(batch=2, length=5, slots=3, width=16):
 
 
 def test_generation_stops_when_the_equation_is_complete_or_cut_short_at_max_tokens():
-    decoder = EquationDecoder(DecoderConfig(16, 2, max_tokens=4), ["+", "-", "2.0"]).eval()
+    decoder = EquationDecoder(DecoderConfig(16, 2, max_tokens=4), ["+", "-", "2.0"], GRAMMAR).eval()
     with torch.no_grad():
         decoder.symbol_head.bias[decoder.symbol_ids["+"]] = 1e4  # always '+': never complete
         assert decoder.generate(*decoder_inputs()) == [("+",) * 4] * 2
@@ -141,7 +141,7 @@ def test_generation_stops_when_the_equation_is_complete_or_cut_short_at_max_toke
 
 
 def test_slots_are_pointed_at_and_fed_back_through_their_states_and_the_decoder_round_trips(tmp_path):
-    decoder = EquationDecoder(DecoderConfig(16, 2), ["+", "-", "2.0"]).eval()
+    decoder = EquationDecoder(DecoderConfig(16, 2), ["+", "-", "2.0"], GRAMMAR).eval()
     assert decoder.ids(("-", "number2", "2.0")) == [2, 4 + 2, 3]
     assert decoder.tokens([2, 6, 3]) == ("-", "number2", "2.0")
     memory, memory_mask, slots, slot_mask = decoder_inputs()
@@ -158,10 +158,10 @@ def test_slots_are_pointed_at_and_fed_back_through_their_states_and_the_decoder_
     assert changed[1] == [pointer_only] * 3
     assert changed[0] == [pointer_only] * 2 + [[False] + [True] * 5 + [False]]  # after number1 is fed back
     decoder.save(tmp_path)
-    torch.testing.assert_close(EquationDecoder.load(tmp_path).eval()(ids, memory, memory_mask, slots, slot_mask),
+    torch.testing.assert_close(EquationDecoder.load(tmp_path, GRAMMAR).eval()(ids, memory, memory_mask, slots, slot_mask),
                                logits)
     with pytest.raises(ValueError, match="must not hold <start> or number slots"):
-        EquationDecoder(DecoderConfig(16, 2), ["+", "number0"])
+        EquationDecoder(DecoderConfig(16, 2), ["+", "number0"], GRAMMAR)
     assert symbols_of([Problem("", (), ("*", "100.0", "+", "number0", "0.5"), 0.0)]) == [*"+-*/", "0.5", "100.0"]
 
 
@@ -216,6 +216,6 @@ def test_finetune_asdiv_a_learns_the_operators_over_five_folds(slim_bert, tmp_pa
     assert report["metric"] == "solve_rate" and trivial <= 0.4
     assert report["dev"]["solve_rate"] > trivial + 0.4, result.stdout[-3000:]
     assert 0 <= report["dev"]["unparseable_fraction"] <= 1 - report["dev"]["solve_rate"]
-    decoder = EquationDecoder.load(tmp_path / "ft" / "model-fold3")
+    decoder = EquationDecoder.load(tmp_path / "ft" / "model-fold3", GRAMMAR)
     assert decoder.symbols[1:] == ["+", "-", "*", "/", "2.0"]
     assert (tmp_path / "ft" / "model-fold3" / "model.safetensors").is_file()

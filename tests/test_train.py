@@ -220,3 +220,20 @@ def test_bench_quality_statistics_pair_seeds_and_count_monotone_curves():
     assert "| smoe-dropout:combine_scale=N | 3.5000 ± 0.1000 | 3.1333 ± 0.3215 | 2/3 seeds |" in text
     assert "| dense | 3.1000 ± 0.1000 (one model) |" in text
     assert "+0.0333 ± 0.3215 (2/3, t=0.2)" in text
+
+
+def test_thor_averages_two_passes_and_adds_their_symmetric_kl():
+    import torch
+
+    from smoe.launcher.train import Pass, micro_batch_losses, symmetric_kl
+
+    logits_a, logits_b = torch.randn(5, 7), torch.randn(5, 7)
+    first = Pass(torch.tensor(2.0), torch.tensor(0.5), [None], logits_a)
+    second = Pass(torch.tensor(4.0), torch.tensor(1.5), [None], logits_b)
+    alone = micro_batch_losses(first, None, 2.0)
+    assert float(alone["total"]) == 2.5 and "consistency" not in alone
+    both = micro_batch_losses(first, second, 2.0)
+    kl = float(symmetric_kl(logits_a, logits_b))
+    assert kl > 0 and float(symmetric_kl(logits_a, logits_a)) == pytest.approx(0.0, abs=1e-6)
+    assert (float(both["ce"]), float(both["aux"])) == (3.0, 1.0)
+    assert float(both["total"]) == pytest.approx(3.0 + 1.0 + 2.0 * kl)

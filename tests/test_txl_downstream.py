@@ -16,10 +16,10 @@ from smoe.launcher.cli import main
 from smoe.launcher.config import build_config, parse_override
 from smoe.launcher.consolidate import consolidate, load_consolidated, save_consolidated
 from smoe.launcher.evaluate import model_size
-from smoe.launcher.evaluate import moe_layers_of, set_top_k, top_k_of
+from smoe.model import moe_layers_of, set_top_k, top_k_of
 from smoe.launcher.slim import parameter_count
 from smoe.model.slim import keep_experts, most_used
-from smoe.model.txl_classifier import TransformerXLClassifier
+from smoe.launcher.tasks.txl_classifier import TransformerXLClassifier
 from smoe.routing.routers import HashRouter
 
 from runs import SMALL, smoe

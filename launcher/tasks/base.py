@@ -142,7 +142,7 @@ class TransformersBody(TaskModel):
 
     def save(self, out: Path) -> None:
         """The model at the k it was fine-tuned at (``top_k`` in config.json), and its tokenizer."""
-        from smoe.launcher.evaluate import top_k_of
+        from smoe.model import top_k_of
 
         k = top_k_of(self.model)
         if k is not None:

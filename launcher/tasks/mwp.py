@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from smoe.data.mwp import FOLDS, OPERATORS, SLOT, Problem, mwp_dir, read_split, solve_counts
-from smoe.model.equation_decoder import START, DecoderConfig, EquationDecoder
+from smoe.data.mwp import FOLDS, OPERATORS, SLOT, SLOT_PREFIX, Problem, mwp_dir, read_split, solve_counts
+from smoe.model.equation_decoder import START, DecoderConfig, EquationDecoder, Grammar
 
 from .base import Split, Task, TransformersBody
 
+GRAMMAR = Grammar(tuple(OPERATORS), SLOT_PREFIX)  # the data's equations, as the decoder writes them
 IGNORE = -100  # cross-entropy's ignore_index: padding, and slots cut off by --max-length
 
 
@@ -54,7 +55,7 @@ class EquationSolver(TransformersBody):
                              "its character offsets to find the number slots; save a fast one with the model")
         config = self.model.config
         self.decoder = EquationDecoder(DecoderConfig(config.hidden_size, config.num_attention_heads,
-                                                     dropout=config.hidden_dropout_prob), symbols)
+                                                     dropout=config.hidden_dropout_prob), symbols, GRAMMAR)
 
     def encode(self, batch: list[Problem]):
         """The encoder's states (B, L, D) and mask, and the states at the number slots (B, S, D) and mask."""

@@ -37,7 +37,7 @@ class SST2(Task):
 
     def build(self, model_dir: Path, split: Split, max_length: int) -> Classifier:
         if model_family(model_dir) == "transformer-xl":
-            from smoe.model.txl_classifier import TransformerXLClassifier
+            from .txl_classifier import TransformerXLClassifier
 
             return TransformerXLClassifier.from_pretrained(model_dir, [text for text, _ in split.train],
                                                            num_labels=2, max_length=max_length)

@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smoe.launcher.build import build_model
-from smoe.launcher.config import TrainConfig
-from smoe.launcher.consolidate import read_consolidated, save_consolidated
-from smoe.launcher.tasks.base import Classifier
+from smoe.model import top_k_of
 from smoe.routing.routers import HashRouter
+
+from ..build import build_model
+from ..config import TrainConfig
+from ..consolidate import read_consolidated, save_consolidated
+from .base import Classifier
 
 PAD, UNK = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
@@ -123,8 +125,6 @@ class TransformerXLClassifier(Classifier):
     def save(self, out: Path) -> None:
         """model.safetensors (with the word-level config, at the k it was fine-tuned at, in its
         metadata) and vocab.txt, which :meth:`from_pretrained` reloads."""
-        from smoe.launcher.evaluate import top_k_of
-
         k = top_k_of(self)
         config = self.config if k is None else replace(self.config, k_min=k, k_max=k, k_fixed=k)
         out.mkdir(parents=True, exist_ok=True)

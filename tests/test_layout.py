@@ -1,0 +1,87 @@
+"""The layout's rules, read from the source: which folder may import which, and no import circle.
+
+Every import counts, a lazy one inside a function too: it is a dependency all the same."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("launcher", "model", "routing", "data")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(("smoe", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+
+
+def imports_of(path: Path) -> set[str]:
+    """The smoe modules ``path`` imports (``from x import name`` counts x, and x.name when that is a module)."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.split(".")[0] == "smoe"}
+
+
+def graph() -> dict[str, set[str]]:
+    files = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")] + [ROOT / "__init__.py"]
+    modules = {module_name(p): p for p in files}
+    return {name: {i for i in imports_of(path) if i in modules and i != name} for name, path in modules.items()}
+
+
+GRAPH = graph()
+
+
+@pytest.mark.parametrize("folder", ["model", "routing", "data"])
+def test_the_core_never_imports_the_launcher(folder):
+    offenders = {m: sorted(i for i in deps if i.startswith("smoe.launcher"))
+                 for m, deps in GRAPH.items() if m.startswith(f"smoe.{folder}")}
+    assert not {m: i for m, i in offenders.items() if i}
+
+
+def test_models_take_nothing_from_the_data():
+    offenders = {m: sorted(i for i in deps if i.startswith("smoe.data"))
+                 for m, deps in GRAPH.items() if m.startswith("smoe.model")}
+    assert not {m: i for m, i in offenders.items() if i}
+
+
+def test_no_import_circle():
+    """Depth-first search for a back edge; a package's ``__init__`` re-exporting its modules is not one."""
+    def edges(module):
+        return {d for d in GRAPH[module] if not module.startswith(d + ".") and not d.startswith(module + ".")}
+
+    state, stack, circles = {}, [], []
+
+    def visit(module):
+        state[module] = "open"
+        stack.append(module)
+        for dependency in sorted(edges(module)):
+            if state.get(dependency) == "open":
+                circles.append(stack[stack.index(dependency):] + [dependency])
+            elif dependency not in state:
+                visit(dependency)
+        stack.pop()
+        state[module] = "done"
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module)
+    assert not circles, " ; ".join(" -> ".join(c) for c in circles)
+
+
+def test_the_checker_sees_imports_of_every_form(tmp_path):
+    assert "smoe.launcher.build" in imports_of(ROOT / "launcher" / "train.py")  # from .build import ...
+    assert "smoe.model.moe" in imports_of(ROOT / "launcher" / "evaluate.py")  # from smoe.model.moe import ...
+    assert "smoe.launcher.masked_lm" in imports_of(ROOT / "launcher" / "eval_run.py")
