@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .files import write_atomic
+
 SIZES = {  # name: (d_model, d_ff); tiny is for smoke tests
     "transformer-xl": (256, 8192),
     "bert": (768, 6144),
@@ -210,8 +212,7 @@ def _ep_worker(rank: int, world_size: int, setup: Setup, ks, repeats: int, out_p
             times = time_ms(layer, forward, x, grad, repeats, barrier=dist.barrier)
             rows.append({"k": k, "ep_size": ep_size, "times": times})
     if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(rows, f)
+        write_atomic(out_path, json.dumps(rows))
 
 
 def bench_expert_parallel(setup: Setup, ks, repeats: int, log=print) -> list[Record]:
@@ -273,8 +274,7 @@ def run(args) -> None:
             print(f"== {size}: expert parallelism, 2 gloo ranks x 1 thread, {args.tokens} tokens per rank", flush=True)
             records += bench_expert_parallel(setup, ks, args.repeats, log=lambda s: print(s, flush=True))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in records], f, indent=1)
+        write_atomic(args.json, json.dumps([asdict(r) for r in records], indent=1))
         print(f"wrote {args.json}")
 
 

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import write_atomic
+
 DEFAULT_METHODS = ("smoe-dropout", "smoe-learned", "dense")
 
 
@@ -233,6 +235,6 @@ def run(args) -> None:
     text = tables(results)
     print("\n" + text)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=list))
+        write_atomic(args.json, json.dumps(results, indent=2, default=list))
     if args.markdown:
-        Path(args.markdown).write_text(text)
+        write_atomic(args.markdown, text)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import io
-import os
 import pickle
 import random
 import re
@@ -45,6 +44,7 @@ from torch import nn
 
 from . import deepspeed_config, reshard
 from .build import any_rank
+from .files import write_atomic, write_through_temporary
 
 TAG = re.compile(r"step(\d+)")  # the step directories; anything else in checkpoints/ is left alone
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -64,31 +64,6 @@ class CheckpointWriteError(OSError):
 
     def __str__(self) -> str:
         return self.message
-
-
-def _write_through_temporary(path: Path, write) -> None:
-    """``write(file)`` into a temporary name beside ``path``, sync, rename: readers see old or new,
-    never half. On any failure the temporary file is removed and the error raised."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, then rename (the temporary file is removed
-    if that fails): readers see old or new, never half."""
-    _write_through_temporary(path, lambda f: f.write(data))
 
 
 class _ErrorRecordingFile:
@@ -120,7 +95,7 @@ def torch_save_atomic(state, path: Path, zipfile: bool = True) -> None:
                 raise recording.error from None
             raise
 
-    _write_through_temporary(path, write)
+    write_through_temporary(path, write)
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 from smoe.data import OrderedStream, load_corpus
 
 from .build import build_engine, build_model, engine_config, init_distributed
 from .checkpoint import loadable_tag
 from .evaluate import SweepRow, format_header, lm_sweep, plot, rows_to_json, sweep
+from .files import write_atomic
 from .masked_lm import MaskedLMData, build_mlm_model
 from .run_dir import RunDir
 
@@ -60,7 +60,7 @@ def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path
         if json_path:
             report = {"run": str(run.root), "checkpoint": tag, "source": source, "method": config.method,
                       "unit": unit, "rows": rows_to_json(rows)}
-            Path(json_path).write_text(json.dumps(report, indent=2))
+            write_atomic(json_path, json.dumps(report, indent=2))
         if plot_path:
             plot(rows, plot_path, f"{config.method} on {source}", unit)
     return rows

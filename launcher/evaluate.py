@@ -21,6 +21,8 @@ from smoe.model.moe import moe_layers_of, set_top_k
 from smoe.model.transformer_xl import lm_loss
 from smoe.routing.routers import FrozenProjection
 
+from .files import atomic_output
+
 LN2 = math.log(2.0)
 
 
@@ -179,5 +181,6 @@ def plot(rows: list[SweepRow], path, title: str, unit: str = "BPC") -> None:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)

@@ -28,7 +28,7 @@ import torch
 from smoe.data.lm_stream import rank_share
 
 from . import deepspeed_config
-from .checkpoint import write_atomic
+from .files import write_atomic
 from .tasks import TASKS, TaskModel, get_task, model_family
 
 

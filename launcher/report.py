@@ -22,6 +22,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from .files import atomic_output, write_atomic
+
 TASK_ORDER = ("sst2", "csqa", "asdiv-a", "mawps", "svamp")
 
 
@@ -140,7 +142,8 @@ def plot_budgets(points, path: Path, columns: int = 3) -> None:
         axis.set_visible(False)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, dpi=120)
     plt.close(figure)
 
 
@@ -154,6 +157,6 @@ def run(args) -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(text + "\n")
+        write_atomic(out / "report.md", text + "\n")
         plot_budgets(budget_points(results), out / "figure4.png")
         print(f"\nwrote {out / 'report.md'} and {out / 'figure4.png'} ({len(results)} runs)")

@@ -34,6 +34,7 @@ from smoe.model.slim import keep_experts, most_used
 
 from .config import TrainConfig
 from .evaluate import model_size
+from .files import write_atomic
 
 PARAMS_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 
@@ -240,5 +241,5 @@ def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     family.save(slim, target, out)
-    (out / "slim.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "slim.json", json.dumps(report, indent=2))
     print(f"wrote {out}")

@@ -36,6 +36,7 @@ from smoe.model.transformer_xl import lm_loss
 from . import checkpoint, deepspeed_config
 from .build import any_rank, build_engine, build_model, engine_config, init_distributed
 from .config import TrainConfig, check_resume_compatible
+from .files import write_atomic
 from .run_dir import RunDir, RunDirLocked, WriterLock
 from .evaluate import LN2, evaluate, flops_per_token, format_header, rows_to_json, sweep
 
@@ -144,7 +145,7 @@ class Trainer:
             self._resume()
         if self.rank == 0:  # the config in effect (a resume may change ep_size and non-shape fields)
             self.paths.root.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_atomic(self.paths.config, json.dumps(config.to_dict(), indent=2).encode())
+            write_atomic(self.paths.config, json.dumps(config.to_dict(), indent=2).encode())
 
     # --- set-up -------------------------------------------------------------------------------
     def _check_run_dir(self, config: TrainConfig, resume: bool, fresh_ok: bool) -> TrainConfig:
@@ -389,7 +390,7 @@ class Trainer:
         if self.rank == 0:
             report = {"source": self.source, "step": self.step, "method": self.config.method, "unit": self.unit,
                       "rows": rows_to_json(rows)}
-            checkpoint.write_atomic(self.paths.eval, json.dumps(report, indent=2).encode())
+            write_atomic(self.paths.eval, json.dumps(report, indent=2).encode())
         return rows
 
 

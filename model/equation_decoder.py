@@ -16,10 +16,8 @@ Shapes: B batch, T equation tokens, L text tokens, S number slots, D width, V vo
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -123,22 +121,3 @@ class EquationDecoder(nn.Module):
             if not any(open_operands):
                 break
         return [self.tokens(row[1:1 + length]) for row, length in zip(ids_BT.tolist(), lengths)]
-
-    def save(self, out: Path) -> None:
-        """``equation_decoder.json`` (config and symbols) and ``equation_decoder.safetensors``."""
-        from safetensors.torch import save_file
-
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "equation_decoder.json").write_text(json.dumps({"config": asdict(self.config),
-                                                               "symbols": self.symbols[1:]}, indent=2))
-        save_file({name: t.contiguous() for name, t in self.state_dict().items()},
-                  out / "equation_decoder.safetensors")
-
-    @classmethod
-    def load(cls, directory: Path, grammar: Grammar) -> EquationDecoder:
-        from safetensors.torch import load_file
-
-        saved = json.loads((directory / "equation_decoder.json").read_text())
-        decoder = cls(DecoderConfig(**saved["config"]), saved["symbols"], grammar)
-        decoder.load_state_dict(load_file(directory / "equation_decoder.safetensors"))
-        return decoder

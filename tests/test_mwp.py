@@ -13,7 +13,7 @@ import torch
 
 from smoe.data.mwp import EquationError, Problem, evaluate_prefix, read_problems, solve_counts, solves
 from smoe.launcher.tasks import get_task
-from smoe.launcher.tasks.mwp import GRAMMAR, slot_positions, symbols_of
+from smoe.launcher.tasks.mwp import GRAMMAR, load_decoder, save_decoder, slot_positions, symbols_of
 from smoe.model.equation_decoder import DecoderConfig, EquationDecoder
 
 from runs import smoe
@@ -157,8 +157,8 @@ def test_slots_are_pointed_at_and_fed_back_through_their_states_and_the_decoder_
     pointer_only = [False] * 5 + [True, False]  # number1's logit; <start> and the absent number2 stay -inf
     assert changed[1] == [pointer_only] * 3
     assert changed[0] == [pointer_only] * 2 + [[False] + [True] * 5 + [False]]  # after number1 is fed back
-    decoder.save(tmp_path)
-    torch.testing.assert_close(EquationDecoder.load(tmp_path, GRAMMAR).eval()(ids, memory, memory_mask, slots, slot_mask),
+    save_decoder(decoder, tmp_path)
+    torch.testing.assert_close(load_decoder(tmp_path).eval()(ids, memory, memory_mask, slots, slot_mask),
                                logits)
     with pytest.raises(ValueError, match="must not hold <start> or number slots"):
         EquationDecoder(DecoderConfig(16, 2), ["+", "number0"], GRAMMAR)
@@ -216,6 +216,6 @@ def test_finetune_asdiv_a_learns_the_operators_over_five_folds(slim_bert, tmp_pa
     assert report["metric"] == "solve_rate" and trivial <= 0.4
     assert report["dev"]["solve_rate"] > trivial + 0.4, result.stdout[-3000:]
     assert 0 <= report["dev"]["unparseable_fraction"] <= 1 - report["dev"]["solve_rate"]
-    decoder = EquationDecoder.load(tmp_path / "ft" / "model-fold3", GRAMMAR)
+    decoder = load_decoder(tmp_path / "ft" / "model-fold3")
     assert decoder.symbols[1:] == ["+", "-", "*", "/", "2.0"]
     assert (tmp_path / "ft" / "model-fold3" / "model.safetensors").is_file()

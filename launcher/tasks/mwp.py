@@ -9,6 +9,8 @@ zero) is unsolved and also counted in ``unparseable_fraction``."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,9 +19,11 @@ import torch.nn.functional as F
 from smoe.data.mwp import FOLDS, OPERATORS, SLOT, SLOT_PREFIX, Problem, mwp_dir, read_split, solve_counts
 from smoe.model.equation_decoder import START, DecoderConfig, EquationDecoder, Grammar
 
+from ..files import atomic_output, write_atomic
 from .base import Split, Task, TransformersBody
 
 GRAMMAR = Grammar(tuple(OPERATORS), SLOT_PREFIX)  # the data's equations, as the decoder writes them
+DECODER_CONFIG, DECODER_WEIGHTS = "equation_decoder.json", "equation_decoder.safetensors"
 IGNORE = -100  # cross-entropy's ignore_index: padding, and slots cut off by --max-length
 
 
@@ -98,7 +102,28 @@ class EquationSolver(TransformersBody):
 
     def save(self, out: Path) -> None:
         super().save(out)
-        self.decoder.save(out)
+        save_decoder(self.decoder, out)
+
+
+def save_decoder(decoder: EquationDecoder, out: Path) -> None:
+    """``equation_decoder.json`` (config and symbols) and ``equation_decoder.safetensors``, atomically."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / DECODER_CONFIG, json.dumps({"config": asdict(decoder.config), "symbols": decoder.symbols[1:]},
+                                                  indent=2))
+    with atomic_output(out / DECODER_WEIGHTS) as tmp:
+        save_file({name: t.contiguous() for name, t in decoder.state_dict().items()}, str(tmp))
+
+
+def load_decoder(directory: Path) -> EquationDecoder:
+    """The decoder :func:`save_decoder` wrote, with this task's grammar."""
+    from safetensors.torch import load_file
+
+    saved = json.loads((directory / DECODER_CONFIG).read_text())
+    decoder = EquationDecoder(DecoderConfig(**saved["config"]), saved["symbols"], GRAMMAR)
+    decoder.load_state_dict(load_file(directory / DECODER_WEIGHTS))
+    return decoder
 
 
 class MathWordProblems(Task):

@@ -29,6 +29,7 @@ from smoe.routing.routers import HashRouter
 from ..build import build_model
 from ..config import TrainConfig
 from ..consolidate import read_consolidated, save_consolidated
+from ..files import write_atomic
 from .base import Classifier
 
 PAD, UNK = "[PAD]", "[UNK]"
@@ -129,4 +130,4 @@ class TransformerXLClassifier(Classifier):
         config = self.config if k is None else replace(self.config, k_min=k, k_max=k, k_fixed=k)
         out.mkdir(parents=True, exist_ok=True)
         save_consolidated(self, config, out / "model.safetensors")
-        (out / VOCABULARY_FILE).write_text("\n".join(self.vocabulary) + "\n")
+        write_atomic(out / VOCABULARY_FILE, "\n".join(self.vocabulary) + "\n")
