@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from smoe.model.transformer_xl import TransformerXL
-
 from .checkpoint import loadable_tag
 from .config import TrainConfig
+from .families import family_of
+from .files import atomic_output
 from .run_dir import RunDir
 
 CONFIG_KEY = "smoe_config"
@@ -33,23 +33,18 @@ def full_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_single_process_model(config: TrainConfig) -> TransformerXL:
-    from .build import build_model
-
-    return build_model(replace(config, ep_size=1))
-
-
 def consolidate(run_dir: Path, out: Path) -> Path:
     run = RunDir(Path(run_dir))
     config = replace(run.load_config(), ep_size=1)
-    model = build_single_process_model(config)
+    family = family_of(config, run.root)
+    model = family.build(config)
     tag = loadable_tag(run.checkpoints, model)  # checked file by file; an older one if the newest is damaged
     state = full_state_dict(run.checkpoints / tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {run.checkpoints / tag} does not fit the run's config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}): is config.json from another run?")
-    return save_consolidated(model, config, Path(out), checkpoint=tag, run=str(run.root))
+    return save_consolidated(model, config, Path(out), checkpoint=tag, run=str(run.root), **family.metadata())
 
 
 def save_consolidated(model: torch.nn.Module, config: TrainConfig, out: Path, **metadata: str) -> Path:
@@ -58,26 +53,26 @@ def save_consolidated(model: torch.nn.Module, config: TrainConfig, out: Path, **
     # Tied tensors (input and output embeddings) are stored once each: safetensors refuses shared storage.
     tensors = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(config.to_dict()), **metadata})
-    tmp.replace(out)
+    with atomic_output(out) as tmp:
+        save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(config.to_dict()), **metadata})
     return out
 
 
-def read_consolidated(path: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
-    """The config and the tensors of a consolidated file, for callers that build their own model."""
+def read_consolidated(path: Path) -> tuple[TrainConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """The config, the tensors and the metadata of a consolidated file, for callers that build
+    their own model."""
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         if CONFIG_KEY not in metadata:
             raise ValueError(f"{path} is not a consolidated smoe model (no '{CONFIG_KEY}' metadata): "
                              "make one with `smoe ckpt consolidate RUN OUT`")
         config = TrainConfig.from_saved(json.loads(metadata[CONFIG_KEY]))
-        return config, {name: f.get_tensor(name) for name in f.keys()}
+        return config, {name: f.get_tensor(name) for name in f.keys()}, metadata
 
 
-def load_consolidated(path: Path) -> tuple[TrainConfig, TransformerXL]:
-    """The config and the model (on CPU, eval mode) from a consolidated file."""
-    config, state = read_consolidated(path)
-    model = build_single_process_model(config)
+def load_consolidated(path: Path) -> tuple[TrainConfig, torch.nn.Module]:
+    """The config and the model (Transformer-XL, BERT or RoBERTa; on CPU, eval mode) from a consolidated file."""
+    config, state, metadata = read_consolidated(path)
+    model = family_of(config, metadata=metadata).build(config)
     model.load_state_dict(state)
     return config, model.eval()

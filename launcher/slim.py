@@ -33,6 +33,7 @@ from smoe.model.moe import SMoE, moe_layers_of, set_top_k
 from smoe.model.slim import keep_experts, most_used
 
 from .config import TrainConfig
+from .families import Family, MaskedLMFamily, family_of
 from .evaluate import model_size
 from .files import write_atomic
 
@@ -69,59 +70,16 @@ def read_examples(path: Path, limit: int) -> list[str]:
     return texts[:limit]
 
 
-class MaskedLMFamily:
-    """BERT/RoBERTa runs: the run's tokenizer, a transformers directory out."""
-
-    def __init__(self, config: TrainConfig, run_root: Path):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or run_root / "tokenizer")
-        self.max_length = config.block_size
-
-    def build(self, config: TrainConfig) -> nn.Module:
-        from .masked_lm import build_mlm_model
-
-        return build_mlm_model(config, self.tokenizer.pad_token_id)
-
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-
-    def expert_counts(self, model: nn.Module, ids_BT: torch.Tensor) -> list[torch.Tensor]:
-        from smoe.model.bert import expert_counts
-
-        model(input_ids=ids_BT)
-        return expert_counts(model)
-
-    def save(self, model: nn.Module, config: TrainConfig, out: Path) -> None:
+def save_slim(model: nn.Module, config: TrainConfig, family: Family, out: Path) -> None:
+    """A transformers directory with the run's tokenizer (BERT/RoBERTa), or one consolidated
+    safetensors file (Transformer-XL)."""
+    if isinstance(family, MaskedLMFamily):
         model.save_pretrained(out)  # its transformers config was built from ``config``
-        self.tokenizer.save_pretrained(out)
-
-
-class TransformerXLFamily:
-    """Transformer-XL runs: the bytes of each example (UTF-8, as enwik8), at most the context
-    it was trained with (mem_len + tgt_len); one consolidated safetensors file out."""
-
-    def __init__(self, config: TrainConfig):
-        self.max_length = config.mem_len + config.tgt_len
-
-    def build(self, config: TrainConfig) -> nn.Module:
-        from .consolidate import build_single_process_model
-
-        return build_single_process_model(config)
-
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
-        return [list(text.encode("utf-8")[:self.max_length]) for text in texts]
-
-    def expert_counts(self, model: nn.Module, ids_BT: torch.Tensor) -> list[torch.Tensor]:
-        return model(ids_BT).expert_counts
-
-    def save(self, model: nn.Module, config: TrainConfig, out: Path) -> None:
+        family.tokenizer.save_pretrained(out)
+    else:
         from .consolidate import save_consolidated
 
         save_consolidated(model, config, out / "model.safetensors")
-
-
-ModelFamily = MaskedLMFamily | TransformerXLFamily
 
 
 def slim_config(config: TrainConfig, budget: int, k: int) -> TrainConfig:
@@ -140,7 +98,7 @@ def parameter_count(text: str) -> int:
     return round(float(match[1]) * PARAMS_SUFFIXES[match[2]])
 
 
-def budget_for_params(text: str, config: TrainConfig, family: ModelFamily) -> int:
+def budget_for_params(text: str, config: TrainConfig, family: Family) -> int:
     """The largest number of experts per layer whose slim model has at most ``--params`` parameters."""
     limit = parameter_count(text)
 
@@ -158,7 +116,7 @@ def budget_for_params(text: str, config: TrainConfig, family: ModelFamily) -> in
 
 
 @torch.no_grad()
-def count_experts(family: ModelFamily, model: nn.Module, texts: list[str], batch_size: int = 32
+def count_experts(family: Family, model: nn.Module, texts: list[str], batch_size: int = 32
                   ) -> list[torch.Tensor]:
     """Tokens routed to each expert of each MoE layer over ``texts``. Examples are batched
     by length, so no padding token is ever routed or counted."""
@@ -201,7 +159,7 @@ def run(args) -> None:
     tag = latest_tag(run_dir.checkpoints)
     if tag is None:
         raise ValueError(f"{run_dir.checkpoints} holds no complete checkpoint: train the run first")
-    family = MaskedLMFamily(config, run_dir.root) if config.masked_lm else TransformerXLFamily(config)
+    family = family_of(config, run_dir.root)
     budget = args.budget if args.params is None else budget_for_params(args.params, config, family)
     if not 1 <= budget <= experts:
         raise ValueError(f"--budget {budget} must be between 1 and the run's {experts} experts")
@@ -240,6 +198,6 @@ def run(args) -> None:
     report["parameters"] = model_size(slim)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    family.save(slim, target, out)
+    save_slim(slim, target, family, out)
     write_atomic(out / "slim.json", json.dumps(report, indent=2))
     print(f"wrote {out}")

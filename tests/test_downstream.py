@@ -99,6 +99,23 @@ def test_slim_keeps_the_most_used_experts_and_budget_n_is_the_full_model(bert_ru
     torch.testing.assert_close(full(input_ids=ids).logits, original.eval()(input_ids=ids).logits)
 
 
+def test_consolidate_works_on_a_bert_run(bert_run, books, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from smoe.launcher.consolidate import load_consolidated
+    from smoe.model import set_top_k
+    from smoe.model.bert import SMoEBertForMaskedLM
+
+    smoe("ckpt", "consolidate", bert_run, tmp_path / "model.safetensors")
+    config, model = load_consolidated(tmp_path / "model.safetensors")  # no run directory, no tokenizer needed
+    assert isinstance(model, SMoEBertForMaskedLM) and config.model == "bert" and config.num_experts == 4
+    smoe("slim", bert_run, "--budget", "4", "--data", books / "a.txt", "--out", tmp_path / "full")
+    full = AutoModelForMaskedLM.from_pretrained(tmp_path / "full").eval()  # the same weights, another way
+    set_top_k(model, 4)
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(input_ids=ids).logits, full(input_ids=ids).logits)
+
+
 def test_slim_refuses_bad_budgets_and_says_what_a_dense_budget_means(bert_run, books, tmp_path):
     result = smoe("slim", bert_run, "--budget", "5", "--data", books / "a.txt", "--out", tmp_path / "x", check=False)
     assert result.returncode == 2 and "--budget 5 must be between 1 and the run's 4 experts" in result.stderr

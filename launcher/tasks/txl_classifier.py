@@ -71,7 +71,7 @@ class TransformerXLClassifier(Classifier):
         ``train_texts``, new word embeddings and a new head; a directory that :meth:`save`
         wrote (with its vocab.txt) comes back as it was saved."""
         model_file = Path(model_dir) / "model.safetensors"
-        config, state = read_consolidated(model_file)
+        config, state, _ = read_consolidated(model_file)
         vocabulary_file = Path(model_dir) / VOCABULARY_FILE
         if vocabulary_file.is_file():
             model = cls(config, vocabulary_file.read_text().splitlines(), num_labels, max_length)
