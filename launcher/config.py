@@ -69,9 +69,9 @@ class TrainConfig:
     dropblock_size: int = 64
     ep_size: int = 1
     dispatch: str = "auto"
-    # each chosen expert's weight times this: N (inverted dropout) or 1 (the paper's); empty: the
-    # method's default. Saved as a number, so a slimmed run (fewer experts) keeps its scale.
-    combine_scale: str = ""
+    # each chosen expert's weight times this: N (inverted dropout, the default) or 1 (the paper's).
+    # Saved as a number, so a slimmed run (fewer experts) keeps its scale.
+    combine_scale: str = "N"
     # optimisation
     batch_size: int = 22  # global, over all data-parallel ranks
     grad_accum: int = 1  # micro-batches per optimizer step: batch_size = micro x grad_accum x ranks
@@ -98,8 +98,7 @@ class TrainConfig:
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
         self.data_files = tuple(str(f) for f in self.data_files)
         method = get_method(self.method)
-        scale = combine_scale_value(self.combine_scale or method.combine_scale, self.num_experts)
-        self.combine_scale = f"{scale:g}"
+        self.combine_scale = f"{combine_scale_value(self.combine_scale, self.num_experts):g}"
         for name, allowed in (("model", MODELS), ("lr_decay", ("cosine", "linear"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} '{getattr(self, name)}' is unknown: use one of {', '.join(allowed)}")

@@ -22,22 +22,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--method", default="smoe-dropout", help="router method (default smoe-dropout)")
     parser.add_argument("--k", type=int, help="top-k saved in the config (default N)")
     parser.add_argument("--moe-layers", default="all", help="all, early, middle, later or every-2")
-    parser.add_argument("--combine-scale", help="N (inverted dropout) or 1 (the paper's); default: the method's. "
-                                                "The experts are scaled so that k = N gives the dense model either way")
+    parser.add_argument("--combine-scale", default="N", help="N (inverted dropout, the default) or 1 (the paper's). "
+                                                             "The experts are scaled so that k = N gives the dense "
+                                                             "model either way")
 
 
 def run(args) -> None:
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
     from smoe.model.bert import MODELS, from_dense
-    from smoe.model.feedforward import combine_scale_value, get_method
+    from smoe.model.feedforward import combine_scale_value
 
     if args.num_experts < 1:
         raise ValueError(f"--num-experts {args.num_experts} must be at least 1 (and divide intermediate_size)")
     if args.k is not None and not 1 <= args.k <= args.num_experts:
         raise ValueError(f"--k {args.k} must be between 1 and --num-experts ({args.num_experts})")
-    method = get_method(args.method)
-    combine_scale = combine_scale_value(args.combine_scale or method.combine_scale, args.num_experts)
+    combine_scale = combine_scale_value(args.combine_scale, args.num_experts)
     dense_dir = Path(args.dense_dir)
     if not (dense_dir / "config.json").is_file():
         raise FileNotFoundError(f"{dense_dir} holds no config.json: pass a directory written by save_pretrained")

@@ -23,7 +23,6 @@ class Method:
     regularizer: str = "dropout"  # dense methods: dropout, concrete or dropblock
     increasing_k: bool = True  # k grows k_min -> k_max; else fixed at k_fixed
     consistency: bool = False  # THOR: two passes and a symmetric KL term
-    combine_scale: str = "1"  # routed methods: "1" (the paper's mean of k experts) or "N" (see MoEConfig)
 
     @property
     def dense(self) -> bool:
@@ -104,7 +103,7 @@ class FeedForwardSpec:
     dispatch: str = "auto"
     seed: int = 0  # layer i's block is initialised from seed + 101 * i: the same on every rank
     init_std: float = 0.02
-    combine_scale: float = 1.0  # see MoEConfig.combine_scale
+    combine_scale: float | None = None  # see MoEConfig.combine_scale (None: N)
 
 
 def feedforward_factory(spec: FeedForwardSpec, ep_rank: int = 0, rank: int = 0):

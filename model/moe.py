@@ -55,10 +55,11 @@ class MoEConfig:
     init_std: float = 0.02
     dispatch: str = "auto"
     # Each chosen expert's weight is the router's (summing to 1 over the k chosen) times this:
-    # 1 is the paper's mean of k experts; N (num_experts) is inverted dropout, an expected
-    # output equal to the dense MLP's (the sum of all N slices) at every k. A number, not "N",
-    # so a slimmed layer keeps the scale it was trained with.
-    combine_scale: float = 1.0
+    # None means N (num_experts): inverted dropout, an expected output equal to the dense MLP's
+    # (the sum of all N slices) at every k, and better than 1 in every measured case (README);
+    # 1.0 is the paper's mean of k experts. Kept as the number, so a slimmed layer (fewer
+    # experts) keeps the scale it was trained with.
+    combine_scale: float | None = None
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -81,6 +82,8 @@ class MoEConfig:
                              f"use one of {', '.join(ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MoEConfig.dropout ({self.dropout}) must be in [0, 1)")
+        if self.combine_scale is None:
+            self.combine_scale = float(self.num_experts)
         if not self.combine_scale > 0:
             raise ValueError(f"MoEConfig.combine_scale ({self.combine_scale}) must be positive: use 1 (the paper's) "
                              f"or num_experts ({self.num_experts}, inverted dropout)")

@@ -27,10 +27,8 @@ def test_the_scale_is_resolved_to_the_number_every_layer_uses(text, number):
 
 
 @pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if not spec.dense])
-def test_an_empty_scale_is_the_methods_default(method):
-    config = build_config("tiny", {**OVERRIDES, "method": method})
-    expected = "4" if METHODS[method].combine_scale == "N" else METHODS[method].combine_scale
-    assert config.combine_scale == expected
+def test_the_default_is_inverted_dropout_for_every_routed_method(method):
+    assert build_config("tiny", {**OVERRIDES, "method": method}).combine_scale == "4"
 
 
 def test_a_slimmed_config_keeps_the_scale_it_was_trained_with():

@@ -31,10 +31,10 @@ def test_modularize_refuses_a_width_not_divisible_by_n():
         modularize(MLP(8, 100), 16)
 
 
-def test_load_experts_then_k_equals_n_with_equal_weights_is_the_dense_mlp_over_n():
+def test_the_papers_scale_at_k_equals_n_with_equal_weights_is_the_dense_mlp_over_n():
     torch.manual_seed(1)
     dense = MLP(16, 128, "relu", 0.0)
-    layer = SMoE(replace(CFG, router="hash", k=16))
+    layer = SMoE(replace(CFG, router="hash", k=16, combine_scale=1.0))
     layer.load_experts(modularize(dense, 16))
     x, ids = batch()
     y, _, counts = layer(x, ids)  # hash routing weights every expert 1/16
@@ -84,10 +84,11 @@ def test_combine_scale_multiplies_the_output_and_the_expert_gradients(router, di
             torch.testing.assert_close(g16[name], 256 * g1[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_inverted_scale_at_k_equals_n_with_equal_weights_is_the_dense_mlp():
+def test_the_default_inverted_scale_at_k_equals_n_with_equal_weights_is_the_dense_mlp():
     torch.manual_seed(1)
     dense = MLP(16, 128, "relu", 0.0)
-    layer = SMoE(replace(CFG, router="hash", k=16, combine_scale=16.0))
+    layer = SMoE(replace(CFG, router="hash", k=16))
+    assert layer.deepspeed_moe.combine_scale == 16.0  # None in the config: N
     layer.load_experts(modularize(dense, 16))
     x, ids = batch()
     torch.testing.assert_close(layer(x, ids)[0], dense(x), rtol=1e-5, atol=1e-6)
@@ -263,7 +264,8 @@ def test_bad_dense_config_is_a_clear_error():
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_masked_dense_gradients_match_autograd_with_dropout(activation):
-    layer = SMoE(replace(CFG, k=12, dropout=0.3, activation=activation))
+    # the router's weights as they are: the reference below combines with them
+    layer = SMoE(replace(CFG, k=12, dropout=0.3, activation=activation, combine_scale=1.0))
     x, _ = batch()
     torch.manual_seed(7)
     y_fast, gx_fast, g_fast = _run(layer, "masked-dense", x, None)
