@@ -25,6 +25,9 @@ SHAPE_FIELDS = ("model", "n_layer", "d_model", "n_head", "d_head", "d_inner", "n
 
 
 MODELS = ("transformer-xl", "bert", "roberta")
+# The best combine scale found per model (docs/quality.md, 3 seeds each): inverted dropout for
+# Transformer-XL (better at every k), the paper's 1 for masked-LM (better at k <= 4, equal above).
+DEFAULT_COMBINE_SCALE = {"transformer-xl": "N", "bert": "1", "roberta": "1"}
 
 
 @dataclass
@@ -69,9 +72,9 @@ class TrainConfig:
     dropblock_size: int = 64
     ep_size: int = 1
     dispatch: str = "auto"
-    # each chosen expert's weight times this: N (inverted dropout, the default) or 1 (the paper's).
-    # Saved as a number, so a slimmed run (fewer experts) keeps its scale.
-    combine_scale: str = "N"
+    # each chosen expert's weight times this: N (inverted dropout) or 1 (the paper's); empty: the
+    # model's default (DEFAULT_COMBINE_SCALE). Saved as a number, so a slimmed run keeps its scale.
+    combine_scale: str = ""
     # optimisation
     batch_size: int = 22  # global, over all data-parallel ranks
     grad_accum: int = 1  # micro-batches per optimizer step: batch_size = micro x grad_accum x ranks
@@ -98,7 +101,8 @@ class TrainConfig:
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
         self.data_files = tuple(str(f) for f in self.data_files)
         method = get_method(self.method)
-        self.combine_scale = f"{combine_scale_value(self.combine_scale, self.num_experts):g}"
+        default = DEFAULT_COMBINE_SCALE.get(self.model, "N")  # an unknown model is refused below
+        self.combine_scale = f"{combine_scale_value(self.combine_scale or default, self.num_experts):g}"
         for name, allowed in (("model", MODELS), ("lr_decay", ("cosine", "linear"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} '{getattr(self, name)}' is unknown: use one of {', '.join(allowed)}")

@@ -22,9 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--method", default="smoe-dropout", help="router method (default smoe-dropout)")
     parser.add_argument("--k", type=int, help="top-k saved in the config (default N)")
     parser.add_argument("--moe-layers", default="all", help="all, early, middle, later or every-2")
-    parser.add_argument("--combine-scale", default="N", help="N (inverted dropout, the default) or 1 (the paper's). "
-                                                             "The experts are scaled so that k = N gives the dense "
-                                                             "model either way")
+    parser.add_argument("--combine-scale", default="1", help="1 (the paper's, masked-LM's default) or N (inverted "
+                                                             "dropout). The experts are scaled so that k = N gives "
+                                                             "the dense model either way")
 
 
 def run(args) -> None:

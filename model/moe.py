@@ -56,9 +56,9 @@ class MoEConfig:
     dispatch: str = "auto"
     # Each chosen expert's weight is the router's (summing to 1 over the k chosen) times this:
     # None means N (num_experts): inverted dropout, an expected output equal to the dense MLP's
-    # (the sum of all N slices) at every k, and better than 1 in every measured case (README);
-    # 1.0 is the paper's mean of k experts. Kept as the number, so a slimmed layer (fewer
-    # experts) keeps the scale it was trained with.
+    # (the sum of all N slices) at every k; 1.0 is the paper's mean of k experts. Which is better
+    # depends on the model (docs/quality.md; runs take the model's default from the config).
+    # Kept as the number, so a slimmed layer (fewer experts) keeps the scale it was trained with.
     combine_scale: float | None = None
 
     def __post_init__(self):

@@ -27,8 +27,11 @@ def test_the_scale_is_resolved_to_the_number_every_layer_uses(text, number):
 
 
 @pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if not spec.dense])
-def test_the_default_is_inverted_dropout_for_every_routed_method(method):
+def test_the_default_is_inverted_dropout_for_transformer_xl_and_the_papers_for_masked_lm(method):
     assert build_config("tiny", {**OVERRIDES, "method": method}).combine_scale == "4"
+    for preset in ("bert-tiny", "roberta-tiny"):
+        assert build_config(preset, {"method": method, "data_files": ("x.txt",)}).combine_scale == "1"
+    assert build_config("bert-tiny", {"method": method, "combine_scale": "N"}).combine_scale == "16"
 
 
 def test_a_slimmed_config_keeps_the_scale_it_was_trained_with():
