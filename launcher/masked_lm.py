@@ -185,8 +185,8 @@ class MaskedLMTrainer(Trainer):
         inputs = {key: value.to(self.device, non_blocking=True) for key, value in micro_batch.items()}
         model = self.engine.module
         out = self.engine(**inputs)
-        masked = inputs["labels"] != -100
-        return Pass(out.loss, out.loss.new_zeros(()) + aux_loss(model), expert_counts(model), out.logits[masked]), None
+        scored = inputs["labels"] != -100
+        return Pass(out.loss, out.loss.new_zeros(()) + aux_loss(model), expert_counts(model), out.logits, scored), None
 
     def _carry(self, states: list) -> None:
         pass  # no state crosses steps

@@ -97,7 +97,8 @@ class Pass(NamedTuple):
     ce: torch.Tensor
     aux: torch.Tensor  # the layers' auxiliary losses
     counts: list  # per layer: tokens per expert (None for a dense layer)
-    logits: torch.Tensor  # at the scored positions, for THOR's consistency term
+    logits: torch.Tensor  # for THOR's consistency term
+    scored: torch.Tensor | None = None  # where the loss is read (masked-LM's masked tokens); None: everywhere
 
 
 def micro_batch_losses(first: Pass, second: Pass | None, consistency_coef: float) -> dict:
@@ -106,7 +107,10 @@ def micro_batch_losses(first: Pass, second: Pass | None, consistency_coef: float
     if second is None:
         return {"ce": first.ce, "aux": first.aux, "counts": first.counts, "total": first.ce + first.aux}
     ce, aux = (first.ce + second.ce) / 2, (first.aux + second.aux) / 2
-    consistency = symmetric_kl(first.logits, second.logits)
+    if first.scored is None:
+        consistency = symmetric_kl(first.logits, second.logits)
+    else:  # boolean indexing reads the count back: only THOR pays for it
+        consistency = symmetric_kl(first.logits[first.scored], second.logits[first.scored])
     return {"ce": ce, "aux": aux, "counts": first.counts, "consistency": consistency,
             "total": ce + aux + consistency_coef * consistency}
 

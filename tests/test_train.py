@@ -237,3 +237,7 @@ def test_thor_averages_two_passes_and_adds_their_symmetric_kl():
     assert kl > 0 and float(symmetric_kl(logits_a, logits_a)) == pytest.approx(0.0, abs=1e-6)
     assert (float(both["ce"]), float(both["aux"])) == (3.0, 1.0)
     assert float(both["total"]) == pytest.approx(3.0 + 1.0 + 2.0 * kl)
+    # masked-LM: the term is read at the scored (masked) positions only
+    scored = torch.tensor([True, False, True, False, False])
+    masked = micro_batch_losses(first._replace(scored=scored), second._replace(scored=scored), 2.0)
+    assert float(masked["consistency"]) == pytest.approx(float(symmetric_kl(logits_a[scored], logits_b[scored])))
