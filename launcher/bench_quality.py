@@ -107,9 +107,12 @@ def train_all(args, pending: list[tuple[Variant, int | None, Path]]) -> None:
                     running.remove(entry)
                     if log:
                         log.close()
-                    if process.returncode:
-                        raise RuntimeError(f"the run in {run_dir} failed (exit {process.returncode})"
-                                           + (f": see {run_dir / 'train.log'}" if log else ""))
+                    if process.returncode:  # stop the others too; finished runs are kept and read next time
+                        for other, *_ in running:
+                            other.terminate()
+                        raise SystemExit(f"smoe: error: the run in {run_dir} failed (exit {process.returncode})"
+                                         + (f": see {run_dir / 'train.log'}" if log else "")
+                                         + "; the same command continues the unfinished runs")
                     print(f"finished {run_dir} in {time.monotonic() - started:.0f} s "
                           f"({len(running)} running, {len(pending)} waiting)", flush=True)
                     return

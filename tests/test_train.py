@@ -197,6 +197,15 @@ def test_bench_quality_table(corpus, tmp_path, capsys):
     assert "$ " not in again.stdout and table in again.stdout
 
 
+def test_bench_quality_stops_with_a_message_when_a_run_fails(corpus, tmp_path):
+    result = smoe("bench", "quality", "--data-file", corpus, "--out", tmp_path / "q", "--methods", "dense,smoe-dropout",
+                  *SMALL, "tgt_len=100000", check=False)  # the data is too short: found by the run, not before
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"the run in {tmp_path / 'q' / 'dense' / 'seed-default'} failed (exit 2)" in result.stderr
+    assert "the same command continues the unfinished runs" in result.stderr
+    assert not (tmp_path / "q" / "smoe-dropout").exists()  # nothing started after the failure
+
+
 def test_bench_quality_statistics_pair_seeds_and_count_monotone_curves():
     from smoe.launcher.bench_quality import Variant, summarize, tables
 
