@@ -276,6 +276,17 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     return args
 
 
+def leave_process_group() -> None:
+    """After a command that succeeded on every rank: meet, then close the process group. A process
+    that exits with its gloo group still open can abort in the group's threads at interpreter exit
+    ("terminate called without an active exception", exit -6) after all its work was done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -284,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         code = args.run(args)
+        leave_process_group()
     except (ValueError, FileNotFoundError) as error:
         print(f"smoe: error: {error}", file=sys.stderr)
         return 2
