@@ -16,6 +16,8 @@ import torch
 
 from .lm_stream import rank_share
 
+# The files of which one makes a directory a transformers tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 SPLIT_SEED = 1234  # the valid/test lines are the same for every run on the same files
 # In id order: padding is 0 for BERT and 1 for RoBERTa, as in their released vocabularies.
 SPECIAL_TOKENS = {"bert": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",

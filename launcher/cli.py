@@ -10,6 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from smoe.launcher.runtime import log
 
 # `smoe train` stopped by SIGUSR1/SIGTERM after saving a checkpoint: "try again" (sysexits EX_TEMPFAIL);
 # the slurm/ scripts requeue the job on it.
@@ -17,12 +18,12 @@ EXIT_STOPPED_BY_SIGNAL = 75
 
 
 def _add_train(commands) -> None:
-    from . import train
-    from .config import presets
+    from smoe.launcher.config import presets
+    from smoe.launcher.training import trainer
 
     parser = commands.add_parser(
-        "train", help="train Transformer-XL on enwik8 or any byte file",
-        description=train.__doc__ + "\npresets: " + "; ".join(f"{name}: {values.get('description', '')}"
+        "train", help="train Transformer-XL (enwik8 or any byte file) or BERT/RoBERTa (masked-LM on text)",
+        description=trainer.__doc__ + "\npresets: " + "; ".join(f"{name}: {values.get('description', '')}"
                                                               for name, values in presets().items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="tiny, paper, paper-8l, paper-12l (Transformer-XL); bert-tiny, "
@@ -56,11 +57,10 @@ def _tokenizer_value(text: str) -> str:
 
 
 def _run_train(args) -> None:
-    from .checkpoint import latest_tag
-    from .config import build_config, parse_override
-    from .run_dir import RunDir
-    from .masked_lm import MaskedLMTrainer
-    from .train import Trainer
+    from smoe.launcher.checkpoints.run_dir import RunDir
+    from smoe.launcher.checkpoints.schema import latest_tag
+    from smoe.launcher.config import build_config, parse_override
+    from smoe.launcher.training.trainer import Trainer
 
     overrides = dict(parse_override(text) for text in args.overrides)
     if args.method:
@@ -76,8 +76,7 @@ def _run_train(args) -> None:
     config = build_config(args.preset, overrides)
     out = Path(args.out)
     resume = args.resume or (args.auto_resume and latest_tag(RunDir(out).checkpoints) is not None)
-    trainer_class = MaskedLMTrainer if config.masked_lm else Trainer
-    trainer = trainer_class(config, out, resume=resume, fresh_ok=args.auto_resume)
+    trainer = Trainer(config, out, resume=resume, fresh_ok=args.auto_resume)
     trainer.train(stop_at=args.stop_at)
     return EXIT_STOPPED_BY_SIGNAL if trainer.stopped_by_signal else 0
 
@@ -106,9 +105,9 @@ def parse_ks(text: str, flag: str = "--k") -> list[int]:
 
 
 def _run_eval(args) -> None:
-    from .checkpoint import latest_tag
-    from .eval_run import evaluate_run
-    from .run_dir import RunDir
+    from smoe.launcher.checkpoints.run_dir import RunDir
+    from smoe.launcher.checkpoints.schema import latest_tag
+    from smoe.launcher.evaluation.run import evaluate_run
 
     ks = parse_ks(args.k) if args.k else None
     # Refused here, before evaluate_run joins a process group: no run, no checkpoint, a k out of range.
@@ -128,7 +127,7 @@ def _run_eval(args) -> None:
 
 
 def _add_bench(commands) -> None:
-    from . import bench_layer
+    from smoe.launcher.bench import layer as bench_layer
 
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks.")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -136,7 +135,7 @@ def _add_bench(commands) -> None:
                                description=bench_layer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_layer.add_arguments(layer)
     _set_run(layer, _run_bench_layer)
-    from . import bench_quality
+    from smoe.launcher.bench import quality as bench_quality
 
     quality = benches.add_parser("quality", help="BPC by k of methods trained with the same budget, over seeds, "
                                                  "with paired differences to dense", description=bench_quality.__doc__,
@@ -146,7 +145,7 @@ def _add_bench(commands) -> None:
 
 
 def _run_bench_layer(args) -> None:
-    from . import bench_layer
+    from smoe.launcher.bench import layer as bench_layer
 
     parse_ks(args.ks, "--ks")  # refused with the expected form, not int()'s message
     bench_layer.run(args)
@@ -157,8 +156,8 @@ def _run_bench_quality(args) -> None:
     from smoe.data.enwik8 import check_byte_file
     from smoe.data.mlm import text_files
 
-    from . import bench_quality
-    from .config import build_config, parse_override
+    from smoe.launcher.bench import quality as bench_quality
+    from smoe.launcher.config import build_config, parse_override
 
     overrides = dict(parse_override(text) for text in args.overrides)
     seeds = bench_quality.parse_seeds(args.seeds)
@@ -177,7 +176,7 @@ def _run_bench_quality(args) -> None:
 
 
 def _add_ckpt(commands) -> None:
-    from . import consolidate
+    from smoe.launcher.checkpoints import consolidate
 
     ckpt = commands.add_parser("ckpt", help="checkpoint tools", description="Checkpoint tools.")
     tools = ckpt.add_subparsers(dest="tool", required=True, metavar="TOOL")
@@ -189,10 +188,10 @@ def _add_ckpt(commands) -> None:
 
 
 def _run_consolidate(args) -> None:
-    from .consolidate import consolidate
+    from smoe.launcher.checkpoints.consolidate import consolidate
 
     out = consolidate(Path(args.run_dir), Path(args.out))
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    log.info(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
 # Commands whose module (of the same name) has add_arguments(parser) and run(args): name -> one-line help.
@@ -206,7 +205,7 @@ MODULE_COMMANDS = {
 
 
 def _add_module_command(commands, name: str) -> None:
-    module = importlib.import_module(f".{name}", __package__)
+    module = importlib.import_module(f"smoe.launcher.downstream.{name}")
     parser = commands.add_parser(name, help=MODULE_COMMANDS[name], description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
@@ -276,17 +275,6 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     return args
 
 
-def leave_process_group() -> None:
-    """After a command that succeeded on every rank: meet, then close the process group. A process
-    that exits with its gloo group still open can abort in the group's threads at interpreter exit
-    ("terminate called without an active exception", exit -6) after all its work was done."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -295,23 +283,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         code = args.run(args)
+        from smoe.launcher.runtime.distributed import leave_process_group
+
         leave_process_group()
     except (ValueError, FileNotFoundError) as error:
-        print(f"smoe: error: {error}", file=sys.stderr)
+        log.error(str(error))
         return 2
     except OSError as error:  # a checkpoint the disk refused (full, I/O error, no permission)
-        from .checkpoint import CheckpointWriteError
+        from smoe.launcher.checkpoints.save import CheckpointWriteError
 
         if not isinstance(error, CheckpointWriteError):
             raise
-        print(f"smoe: error: {error}", file=sys.stderr)
+        log.error(str(error))
         return 4
     except RuntimeError as error:
-        from .train import TrainingDiverged
+        from smoe.launcher.training.losses import TrainingDiverged
 
         if not isinstance(error, TrainingDiverged):
             raise
-        print(f"smoe: error: {error}", file=sys.stderr)
+        log.error(str(error))
         return 3
     return code or 0
 

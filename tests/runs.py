@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from smoe.launcher.distributed import free_port
+from smoe.launcher.runtime.distributed import free_port
 
 SMALL = ["n_layer=2", "d_model=32", "n_head=2", "d_head=16", "d_inner=64", "num_experts=4", "tgt_len=16",
          "mem_len=16", "eval_tgt_len=16", "batch_size=4", "eval_batch_size=4", "k_min=1", "k_max=4", "k_fixed=2",

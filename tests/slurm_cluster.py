@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from smoe.launcher.distributed import free_port
+from smoe.launcher.runtime.distributed import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])

@@ -43,8 +43,8 @@ def test_one_rank_resumes_on_two_expert_parallel_ranks(layout_runs, corpus, tmp_
 
 def test_consolidated_file_evaluates_like_the_run(layout_runs, tmp_path):
     from smoe.data import OrderedStream, load_corpus
-    from smoe.launcher.consolidate import load_consolidated
-    from smoe.launcher.evaluate import LN2, evaluate
+    from smoe.launcher.checkpoints.consolidate import load_consolidated
+    from smoe.launcher.evaluation.metrics import LN2, evaluate
     from smoe.model import set_top_k
 
     smoe("ckpt", "consolidate", layout_runs / "ep2", tmp_path / "model.safetensors")

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from smoe.launcher.distributed import free_port
-from smoe.launcher.slurm import in_slurm_step, rank_env
+from smoe.launcher.runtime.distributed import free_port
+from smoe.launcher.runtime.slurm import in_slurm_step, rank_env
 
 from runs import SMALL, run, smoe
 

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from smoe.launcher.build import build_model
+from smoe.launcher.checkpoints.consolidate import load_consolidated
+from smoe.launcher.checkpoints.run_dir import RunDir
 from smoe.launcher.config import build_config, parse_override
-from smoe.launcher.consolidate import load_consolidated
+from smoe.launcher.downstream.slim import slim_config
+from smoe.launcher.families.transformer_xl import build_model
 from smoe.model import moe_layers_of
-from smoe.launcher.run_dir import RunDir
-from smoe.launcher.slim import slim_config
 from smoe.model.feedforward import METHODS
 
 from runs import SMALL, smoe
@@ -86,8 +86,8 @@ def test_transformers_directories_carry_the_scale_and_older_ones_load_with_1(tmp
 
 
 def test_a_transformer_xl_task_model_keeps_the_runs_scale(tmp_path):
-    from smoe.launcher.consolidate import save_consolidated
-    from smoe.launcher.tasks.txl_classifier import TransformerXLClassifier
+    from smoe.launcher.checkpoints.consolidate import save_consolidated
+    from smoe.launcher.downstream.tasks.txl_classifier import TransformerXLClassifier
 
     config = build_config("tiny", {**OVERRIDES, "combine_scale": "N"})
     save_consolidated(build_model(config), config, tmp_path / "model" / "model.safetensors")

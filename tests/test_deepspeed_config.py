@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smoe.launcher import deepspeed_config
-from smoe.launcher.build import engine_config
 from smoe.launcher.config import build_config
+from smoe.launcher.runtime import deepspeed_config
+from smoe.launcher.runtime.engine import engine_config
 
 
 def parsed_by_deepspeed(name: str):

@@ -87,10 +87,10 @@ def test_slim_keeps_the_most_used_experts_and_budget_n_is_the_full_model(bert_ru
     assert (two.config.num_experts, two.config.intermediate_size, two.config.top_k) == (2, 32, 2)
     assert len(two.bert.encoder.layer[0].output.block.local_experts) == 2
     ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    from smoe.launcher.consolidate import full_state_dict
+    from smoe.launcher.checkpoints.consolidate import full_state_dict
     from smoe.launcher.config import TrainConfig
+    from smoe.launcher.families.masked_lm import build_mlm_model
     from smoe.model import set_top_k
-    from smoe.launcher.masked_lm import build_mlm_model
 
     config = TrainConfig.from_dict(json.loads((bert_run / "config.json").read_text()))
     original = build_mlm_model(config, full.config.pad_token_id)
@@ -102,7 +102,7 @@ def test_slim_keeps_the_most_used_experts_and_budget_n_is_the_full_model(bert_ru
 def test_consolidate_works_on_a_bert_run(bert_run, books, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from smoe.launcher.consolidate import load_consolidated
+    from smoe.launcher.checkpoints.consolidate import load_consolidated
     from smoe.model import set_top_k
     from smoe.model.bert import SMoEBertForMaskedLM
 

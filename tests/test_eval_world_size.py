@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from smoe.data import OrderedStream, load_corpus
-from smoe.launcher.build import build_engine, build_model, engine_config
 from smoe.launcher.config import build_config, parse_override
-from smoe.launcher.distributed import spawn
-from smoe.launcher.evaluate import evaluate
+from smoe.launcher.evaluation.metrics import evaluate
+from smoe.launcher.families.transformer_xl import build_model
+from smoe.launcher.runtime.distributed import spawn
+from smoe.launcher.runtime.engine import build_engine, engine_config
 
 from runs import SMALL
 
@@ -26,8 +27,7 @@ def txl_config(corpus, **overrides):
 
 def _txl_bpc_on_ranks(rank, world, corpus, overrides, out):
     config = txl_config(corpus, **overrides)
-    engine = build_engine(config, build_model(config, rank), engine_config(config, world, None, training=False),
-                          training=False)
+    engine = build_engine(build_model(config, rank), engine_config(config, world, None, training=False))
     valid = load_corpus(data_file=config.data_file).valid
     stream = OrderedStream(valid, config.eval_batch_size, config.eval_tgt_len, rank, world, name="valid")
     loss = evaluate(engine.module, stream, config.eval_mem_len)
@@ -48,7 +48,7 @@ def test_transformer_xl_evaluates_on_more_ranks_than_divide_the_batch(corpus, tm
 
 
 def _mlm_loss_on_ranks(rank, world, config, out):
-    from smoe.launcher.masked_lm import MaskedLMData, build_mlm_model
+    from smoe.launcher.families.masked_lm import MaskedLMData, build_mlm_model
 
     data = MaskedLMData(config, out.parent)
     model = build_mlm_model(config, data.tokenizer.pad_token_id, rank).eval()
@@ -60,7 +60,7 @@ def _mlm_loss_on_ranks(rank, world, config, out):
 def test_masked_lm_evaluates_on_ranks_that_do_not_divide_the_batch(books, tmp_path):
     """Every rank masks the whole batch from the same seed: the masks, and so the loss, are
     those of one process (4 blocks per batch on 3 ranks: shares of 1, 1 and 2)."""
-    from smoe.launcher.masked_lm import MaskedLMData, build_mlm_model
+    from smoe.launcher.families.masked_lm import MaskedLMData, build_mlm_model
 
     config = build_config("bert-tiny", {"data_files": (str(books),), "n_layer": 2, "d_model": 32, "n_head": 2,
                                         "d_inner": 64, "num_experts": 4, "k_min": 1, "k_max": 4, "eval_ks": (1, 4),
@@ -77,7 +77,7 @@ def test_masked_lm_seeds_only_the_cpu_generator(books, tmp_path, monkeypatch):
     """``torch.manual_seed`` also seeds every CUDA generator: on GPUs that gave all ranks the same
     dropout masks and reset the training stream at every validation. Building the model and
     evaluating must leave CUDA's generators alone (and restore the CPU one)."""
-    from smoe.launcher.masked_lm import MaskedLMData, build_mlm_model
+    from smoe.launcher.families.masked_lm import MaskedLMData, build_mlm_model
 
     seeded = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))

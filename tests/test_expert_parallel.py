@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from smoe.launcher import deepspeed_config
-from smoe.launcher.distributed import spawn
+from smoe.launcher.runtime import deepspeed_config
+from smoe.launcher.runtime.distributed import spawn
 from smoe.model import MoEConfig, SMoE, init_expert_parallel, optimizer_param_groups
 from smoe.routing import ROUTERS
 

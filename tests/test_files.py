@@ -2,7 +2,7 @@
 
 import pytest
 
-from smoe.launcher.files import atomic_output, write_atomic, write_through_temporary
+from smoe.launcher.runtime.files import atomic_output, write_atomic, write_through_temporary
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

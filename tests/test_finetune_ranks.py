@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.launcher.distributed import spawn
-from smoe.launcher.finetune import FinetuneConfig, fine_tune
-from smoe.launcher.tasks.base import TaskModel
+from smoe.launcher.downstream.finetune import FinetuneConfig, fine_tune
+from smoe.launcher.downstream.tasks.base import TaskModel
+from smoe.launcher.runtime.distributed import spawn
 
 EXAMPLES = list(range(100))  # 12 batches of 8 and one of 4
 

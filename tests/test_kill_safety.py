@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from smoe.launcher.distributed import free_port
+from smoe.launcher.runtime.distributed import free_port
 
 from runs import CPU_ENV, SMALL, scalars
 

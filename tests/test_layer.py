@@ -76,7 +76,7 @@ def test_combine_scale_multiplies_the_output_and_the_expert_gradients(router, di
     for scale in (1.0, 16.0):
         layer = SMoE(replace(CFG, router=router, k=4, combine_scale=scale))  # random routers: the same draws
         runs[scale] = _run(layer, dispatch, x, ids)
-    (y1, gx1, g1), (y16, gx16, g16) = runs[1.0], runs[16.0]
+    (y1, _, g1), (y16, _, g16) = runs[1.0], runs[16.0]
     torch.testing.assert_close(y16, 16 * y1, rtol=1e-5, atol=1e-5)
     # loss = sum(y^2): its gradient at y16 = 16 y1 is 16 times larger, and flows through 16 times the weights
     for name in g1:

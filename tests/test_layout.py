@@ -81,7 +81,40 @@ def test_no_import_circle():
     assert not circles, " ; ".join(" -> ".join(c) for c in circles)
 
 
-def test_the_checker_sees_imports_of_every_form(tmp_path):
-    assert "smoe.launcher.build" in imports_of(ROOT / "launcher" / "train.py")  # from .build import ...
-    assert "smoe.model.moe" in imports_of(ROOT / "launcher" / "evaluate.py")  # from smoe.model.moe import ...
-    assert "smoe.launcher.masked_lm" in imports_of(ROOT / "launcher" / "eval_run.py")
+# launcher/'s sub-packages in layers: a module imports only from its own layer or those above it
+# in this list (the most specific prefix decides).
+LAUNCHER_LAYERS = [
+    ["smoe.launcher.config"],
+    ["smoe.launcher.runtime"],
+    ["smoe.launcher.evaluation"],  # metrics and the sweep; `smoe eval` itself is a command, below
+    ["smoe.launcher.families"],
+    ["smoe.launcher.checkpoints"],
+    ["smoe.launcher.training"],
+    ["smoe.launcher.evaluation.run", "smoe.launcher.bench", "smoe.launcher.downstream"],
+    ["smoe.launcher.cli"],
+]
+
+
+def launcher_layer(module: str) -> int | None:
+    matches = [(len(prefix), depth) for depth, prefixes in enumerate(LAUNCHER_LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    return max(matches)[1] if matches else None
+
+
+def test_every_launcher_module_has_a_layer():
+    assert not [m for m in GRAPH if m.startswith("smoe.launcher.") and launcher_layer(m) is None]
+
+
+def test_the_launcher_layers_depend_one_way():
+    upward = {m: sorted(d for d in deps if (launcher_layer(d) or 0) > launcher_layer(m))
+              for m, deps in GRAPH.items() if m.startswith("smoe.launcher.")}
+    assert not {m: d for m, d in upward.items() if d}
+
+
+def test_the_checker_sees_imports_of_every_form():
+    launcher = ROOT / "launcher"
+    assert "smoe.launcher.checkpoints" in imports_of(launcher / "training" / "trainer.py")  # from smoe.launcher import x
+    assert "smoe.launcher.training.trainer" in imports_of(launcher / "cli.py")  # inside a function
+    assert "smoe.model.bert" in imports_of(launcher / "downstream" / "tasks" / "base.py")  # import x.y, in a function
+    assert launcher_layer("smoe.launcher.evaluation.run") > launcher_layer("smoe.launcher.training")
+    assert launcher_layer("smoe.launcher.evaluation.sweep") < launcher_layer("smoe.launcher.families")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from smoe.launcher.distributed import free_port
+from smoe.launcher.runtime.distributed import free_port
 
 from runs import run, scalars, smoe
 

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from smoe.launcher.distributed import free_port
+from smoe.launcher.runtime.distributed import free_port
 
 from runs import scalars
 

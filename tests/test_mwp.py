@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from smoe.data.mwp import EquationError, Problem, evaluate_prefix, read_problems, solve_counts, solves
-from smoe.launcher.tasks import get_task
-from smoe.launcher.tasks.mwp import GRAMMAR, load_decoder, save_decoder, slot_positions, symbols_of
+from smoe.launcher.downstream.tasks import get_task
+from smoe.launcher.downstream.tasks.mwp import GRAMMAR, load_decoder, save_decoder, slot_positions, symbols_of
 from smoe.model.equation_decoder import DecoderConfig, EquationDecoder
 
 from runs import smoe

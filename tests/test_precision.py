@@ -8,11 +8,11 @@ import json
 import math
 
 import pytest
-import torch
 
 from smoe.launcher.config import build_config, parse_override
-from smoe.launcher.distributed import spawn
-from smoe.launcher.train import OverflowGuard, Trainer, TrainingDiverged
+from smoe.launcher.runtime.distributed import spawn
+from smoe.launcher.training.losses import OverflowGuard, TrainingDiverged
+from smoe.launcher.training.trainer import Trainer
 
 from runs import SMALL, scalars, smoe
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from smoe.launcher.distributed import free_port
+from smoe.launcher.runtime.distributed import free_port
 
 from runs import CPU_ENV, SMALL, run, smoe
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from smoe.launcher.distributed import free_port
+from smoe.launcher.runtime.distributed import free_port
 
 from runs import SMALL, scalars
 
@@ -68,7 +68,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, corpus, t
 
 
 def test_slurm_expands_the_first_host(slurm, monkeypatch):
-    from smoe.launcher.slurm import first_host
+    from smoe.launcher.runtime.slurm import first_host
 
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     assert first_host("gpu[07-09,11],cpu1") == "gpu07"
@@ -77,7 +77,7 @@ def test_slurm_expands_the_first_host(slurm, monkeypatch):
 def test_multinode_rendezvous_and_hostfile_from_slurm_variables(slurm, tmp_path, monkeypatch):
     """common.sh as the multi-node script uses it, for a 3-node allocation: the same master and port
     as srun tasks find (launcher/slurm.py), the port below Linux's ephemeral range (32768-60999)."""
-    from smoe.launcher.slurm import rank_env
+    from smoe.launcher.runtime.slurm import rank_env
 
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     hostfile, nodes = tmp_path / "hostfile", "node[09-10],gpu-a"

@@ -142,7 +142,7 @@ def test_resume_refuses_a_shape_change_and_a_new_run_refuses_an_existing_dir(cap
 
 def _save_killed_midway(rank, world_size, corpus, out):
     from smoe.launcher.config import build_config, parse_override
-    from smoe.launcher.train import Trainer
+    from smoe.launcher.training.trainer import Trainer
 
     overrides = dict(parse_override(o) for o in [*SMALL, "max_steps=20", f"data_file={corpus}"])
     trainer = Trainer(build_config("tiny", overrides), out)
@@ -167,7 +167,7 @@ def _save_killed_midway(rank, world_size, corpus, out):
 
 
 def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(corpus, tmp_path):
-    from smoe.launcher.distributed import spawn
+    from smoe.launcher.runtime.distributed import spawn
 
     spawn(_save_killed_midway, 1, corpus, tmp_path / "run")
 
@@ -207,7 +207,7 @@ def test_bench_quality_stops_with_a_message_when_a_run_fails(corpus, tmp_path):
 
 
 def test_bench_quality_statistics_pair_seeds_and_count_monotone_curves():
-    from smoe.launcher.bench_quality import Variant, summarize, tables
+    from smoe.launcher.bench.quality import Variant, summarize, tables
 
     def run(seed, bpc):
         rows = [{"k": k, "test_bpc": b} for k, b in bpc.items()] if isinstance(bpc, dict) else \
@@ -234,7 +234,8 @@ def test_bench_quality_statistics_pair_seeds_and_count_monotone_curves():
 def test_thor_averages_two_passes_and_adds_their_symmetric_kl():
     import torch
 
-    from smoe.launcher.train import Pass, micro_batch_losses, symmetric_kl
+    from smoe.launcher.families import Pass
+    from smoe.launcher.training.losses import micro_batch_losses, symmetric_kl
 
     logits_a, logits_b = torch.randn(5, 7), torch.randn(5, 7)
     first = Pass(torch.tensor(2.0), torch.tensor(0.5), [None], logits_a)

@@ -102,7 +102,7 @@ def test_report_lays_out_the_papers_tables_and_figure(models, sst2, tmp_path):
 
 
 def test_seeds_share_a_cell_and_a_point_and_show_their_mean_spread_and_count():
-    from smoe.launcher.report import budget_points, cell
+    from smoe.launcher.downstream.report import budget_points, cell
 
     runs = [{"task": "sst2", "family": "bert", "method": "smoe-dropout", "experts": 4, "k": k, "active_params": n,
              "metric": "accuracy", "dev": {"accuracy": accuracy}}

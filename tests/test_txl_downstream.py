@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from smoe.data.sst2 import read_split
-from smoe.launcher.build import build_model
+from smoe.launcher.checkpoints.consolidate import consolidate, load_consolidated, save_consolidated
 from smoe.launcher.cli import main
 from smoe.launcher.config import build_config, parse_override
-from smoe.launcher.consolidate import consolidate, load_consolidated, save_consolidated
-from smoe.launcher.evaluate import model_size
+from smoe.launcher.downstream.slim import parameter_count
+from smoe.launcher.downstream.tasks.txl_classifier import TransformerXLClassifier
+from smoe.launcher.evaluation.metrics import model_size
+from smoe.launcher.families.transformer_xl import build_model
 from smoe.model import moe_layers_of, set_top_k, top_k_of
-from smoe.launcher.slim import parameter_count
 from smoe.model.slim import keep_experts, most_used
-from smoe.launcher.tasks.txl_classifier import TransformerXLClassifier
 from smoe.routing.routers import HashRouter
 
 from runs import SMALL, smoe
@@ -203,8 +203,8 @@ def test_params_works_for_bert_runs_too(tmp_path, capsys):
     from conftest import WORDS
 
     from smoe.data.mlm import train_tokenizer
-    from smoe.launcher.masked_lm import build_mlm_model
-    from smoe.launcher.slim import MaskedLMFamily, budget_for_params
+    from smoe.launcher.downstream.slim import MaskedLMFamily, budget_for_params
+    from smoe.launcher.families.masked_lm import build_mlm_model
 
     train_tokenizer([" ".join(WORDS)] * 10, "bert", 200).save_pretrained(tmp_path / "tokenizer")
     config = build_config("bert-tiny", {"n_layer": 2, "d_model": 32, "n_head": 2, "d_inner": 64, "num_experts": 4,

@@ -18,7 +18,7 @@ MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_inner=64", "num_experts=4", "k_
 
 
 def test_masked_lm_evaluation_leaves_the_cuda_rng_alone(books, tmp_path):
-    from smoe.launcher.masked_lm import MaskedLMData, build_mlm_model
+    from smoe.launcher.families.masked_lm import MaskedLMData, build_mlm_model
 
     overrides = dict(parse_override(o) for o in MLM)
     config = build_config("bert-tiny", {**overrides, "data_files": (str(books),), "cache_dir": str(tmp_path / "cache")})

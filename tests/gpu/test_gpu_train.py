@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from smoe.launcher.distributed import free_port
+from smoe.launcher.runtime.distributed import free_port
 
 from runs import DETERMINISTIC, SMALL, scalars
 

@@ -1,0 +1,202 @@
+"""Saving a checkpoint through DeepSpeed's engine, crash-safe (the layout: :mod:`.schema`).
+
+Every file, DeepSpeed's included, is written under a temporary name, synced and renamed;
+``latest`` moves only once every rank's files are on disk, and older checkpoints are
+pruned only after that, never one newer than the one ``latest`` names. A write that fails
+(disk full, I/O error, no permission) stops the run with :class:`CheckpointWriteError`:
+the half-written step directory is removed, ``latest`` and the checkpoints before stay.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import random
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import deepspeed.comm as dist
+import numpy as np
+import torch
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+from smoe.launcher.checkpoints import reshard, schema
+from smoe.launcher.runtime import log
+from smoe.launcher.runtime.distributed import any_rank
+from smoe.launcher.runtime.files import write_atomic, write_through_temporary
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, I/O error, no permission): the run stops, and the
+    checkpoint ``latest`` names is untouched. `smoe` exits with code 4."""
+
+    def __init__(self, message: str, code: int | None = None, path: Path | None = None):
+        super().__init__(code, message)
+        self.message, self.filename = message, None if path is None else str(path)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _ErrorRecordingFile:
+    """A file for torch.save that remembers the OSError of a failed write: torch.save reports it as
+    RuntimeError('[enforce fail at inline_container.cc] unexpected pos ...'), errno and path lost."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save_atomic(state, path: Path, zipfile: bool = True) -> None:
+    """torch.save through a temporary name; a refused write raises its OSError (ENOSPC, EIO, EACCES)."""
+    def write(f):
+        recording = _ErrorRecordingFile(f)
+        try:
+            torch.save(state, recording, _use_new_zipfile_serialization=zipfile)
+        except RuntimeError:
+            if recording.error is not None:
+                raise recording.error from None
+            raise
+
+    write_through_temporary(path, write)
+
+
+def rank_state(engine, mems: list[torch.Tensor] | None) -> dict:
+    model = engine.module
+    return {
+        "torch": torch.get_rng_state(),
+        # This rank's device only: a job resumed on a node where it sees fewer GPUs must still load it.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "generators": {name: g.get_state() for name, g in schema.generators(model).items()},
+        "mems": None if mems is None else [m.cpu() for m in mems],
+        "optimizer_params": reshard.optimizer_param_names(engine),  # to move Adam's state to another layout
+    }
+
+
+class _Writes:
+    """While DeepSpeed saves: its file writes go through :func:`torch_save_atomic`, and the first one
+    that fails is recorded instead of raised. DeepSpeed's save has collectives (barriers) inside, so
+    a rank must not leave it early; once a write failed, the rank writes nothing more."""
+
+    def __init__(self):
+        self.failure: tuple[Path, BaseException] | None = None
+
+    def attempt(self, path: Path, write) -> None:
+        if self.failure is not None:
+            return
+        try:
+            write()
+        except Exception as error:  # noqa: BLE001 - raised after every rank has agreed, see save()
+            self.failure = (Path(path), error)
+
+    @contextmanager
+    def through(self, engine):
+        writer = getattr(engine, "checkpoint_engine", None)
+        if not isinstance(writer, TorchCheckpointEngine):  # another engine (Nebula, decoupled): its own writes
+            yield
+            return
+
+        def save(state_dict, path):
+            self.attempt(path, lambda: torch_save_atomic(state_dict, Path(path), writer.zipfile_serialization))
+
+        writer.save = save  # shadows the method on this instance only
+        try:
+            yield
+        finally:
+            del writer.save
+
+
+def _write_error(tag: str, ckpt_dir: Path, step: int, failure: tuple[Path, BaseException] | None) -> BaseException:
+    previous = schema.latest_tag(ckpt_dir)
+    kept = (f"`latest` still names {previous}, which is unchanged: continue from it with --resume"
+            if previous else "no earlier checkpoint exists: start again with --auto-resume (it starts over)")
+    if failure is None:
+        return CheckpointWriteError(f"checkpoint {tag} (step {step}) could not be written on another rank (its error "
+                                    f"names the file and why); the run stopped. {kept} once the cause is fixed")
+    path, error = failure
+    if not isinstance(error, OSError):
+        return error  # not a refused write but a failure of its own: raised as it is
+    reason = error.strerror or str(error)
+    name = errno.errorcode.get(error.errno, "") if error.errno else ""
+    return CheckpointWriteError(
+        f"checkpoint {tag} (step {step}) could not be written: {path}: {reason}{f' [{name}]' if name else ''}. "
+        f"The run stopped and the half-written {tag} was removed; {kept} after freeing space on (or fixing "
+        f"the permissions of) {ckpt_dir}", error.errno, path)
+
+
+def _clear_the_way(tag_dir: Path) -> None:
+    """A step directory in the way of a new save with its tag: the run resumed from an older one, past
+    this. Without a rank file it is what a save killed midway left, never a checkpoint: removed. With
+    one it was complete once (damaged since, so that the resume went past it, even though `latest` may
+    still name it; or `latest` was moved back from it): kept, not overwritten, as ``stepNNNNNN.old``
+    (``.old2``, ...)."""
+    if not any(tag_dir.glob(schema.RANK_FILES)):
+        shutil.rmtree(tag_dir)
+        return
+    aside = _set_aside(tag_dir)
+    log.note(f"{tag_dir} existed already (a checkpoint this run resumed past: damaged, or `latest` was moved "
+             f"back from it): kept as {aside.name}")
+
+
+def _set_aside(tag_dir: Path) -> Path:
+    for n in range(1, 1000):
+        aside = tag_dir.with_name(f"{tag_dir.name}.old{n if n > 1 else ''}")
+        if not aside.exists():
+            tag_dir.rename(aside)
+            return aside
+    raise CheckpointWriteError(f"{tag_dir} is in the way of a new checkpoint and 999 copies are set aside already: "
+                               "remove old ones")
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, mems, keep: int) -> str:
+    """Save on every rank (a collective); returns the tag.
+
+    A refused write on any rank raises :class:`CheckpointWriteError` on every rank after the
+    half-written directory is removed; ``latest`` is moved only once every file is on disk."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = schema.tag_of(step)
+    tag_dir = ckpt_dir / tag
+    rank = dist.get_rank()
+    writes = _Writes()
+    if rank == 0 and tag_dir.exists():
+        _clear_the_way(tag_dir)
+    dist.barrier()
+    writes.attempt(tag_dir, lambda: tag_dir.mkdir(parents=True, exist_ok=True))  # DeepSpeed would only log this
+    with writes.through(engine):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    buffer = io.BytesIO()
+    torch.save(rank_state(engine, mems), buffer)
+    rank_file = tag_dir / schema.rank_file(rank)
+    writes.attempt(rank_file, lambda: write_atomic(rank_file, buffer.getvalue()))
+    # every rank's files are on disk (or some rank failed) before `latest` moves
+    if any_rank(writes.failure is not None):
+        if rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        raise _write_error(tag, ckpt_dir, step, writes.failure)
+    if rank == 0:
+        pointer = ckpt_dir / schema.LATEST
+        writes.attempt(pointer, lambda: write_atomic(pointer, tag))
+    if any_rank(writes.failure is not None):
+        if rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        raise _write_error(tag, ckpt_dir, step, writes.failure)
+    if rank == 0:
+        # Only checkpoints older than the one `latest` now names are pruned: a newer one (damaged, kept
+        # when a resume went past it) stays, and so does `latest`'s own.
+        older = [p for p in schema.step_dirs(ckpt_dir) if schema.tag_step(p.name) < step]
+        for path in older[:max(len(older) - (keep - 1), 0)]:
+            shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    return tag

@@ -1,0 +1,54 @@
+"""`smoe eval RUN`: the sweep by k of a run's latest checkpoint, on its own data or another's."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from smoe.launcher.checkpoints.load import loadable_tag
+from smoe.launcher.checkpoints.run_dir import RunDir
+from smoe.launcher.evaluation.sweep import SweepRow, format_header, plot, rows_to_json, sweep
+from smoe.launcher.families import family_of
+from smoe.launcher.runtime import log
+from smoe.launcher.runtime.distributed import init_distributed
+from smoe.launcher.runtime.engine import build_engine, engine_config
+from smoe.launcher.runtime.files import write_atomic
+
+
+def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path=None, data_dir: str | None = None,
+                 data_file: str | None = None) -> list[SweepRow]:
+    """`smoe eval`: the sweep for a run's latest checkpoint, on its own data unless told otherwise.
+
+    Experts are loaded by global id, so a run trained with any ep_size evaluates on one
+    process (ep_size 1) or on as many ranks as it was trained with."""
+    rank, world = init_distributed()
+    run = RunDir(run_dir)
+    config = run.load_config()
+    if world % config.ep_size:
+        config = replace(config, ep_size=1)
+    ks = list(ks or config.eval_ks)
+    if any(not 1 <= k <= config.num_experts for k in ks):
+        raise ValueError(f"--k {','.join(map(str, ks))}: every k must be between 1 and num_experts "
+                         f"({config.num_experts})")
+    family = family_of(config, run.root)
+    family.load_data(data_dir, data_file)
+    model = family.build(config, rank)
+    # Checked (every file there, readable, the model's shapes) before DeepSpeed loads it; an older one
+    # when the newest is damaged, with a note. The optimizer files are not needed here.
+    tag = loadable_tag(run.checkpoints, model)
+    engine = build_engine(model, engine_config(config, world, None, training=False))
+    engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=False,
+                           load_lr_scheduler_states=False, load_module_only=True)
+    model, device, unit = engine.module, engine.device, family.unit
+    log.info(f"{run.root} ({config.method}, {tag}) on {family.source}\n{format_header(unit)}")
+    rows = sweep(model, ks, lambda: family.eval_loss(model, "valid", rank, world, device),
+                 lambda: family.eval_loss(model, "test", rank, world, device),
+                 lambda: family.flops_per_token(model, device))
+    if rank == 0:
+        if json_path:
+            report = {"run": str(run.root), "checkpoint": tag, "source": family.source, "method": config.method,
+                      "unit": unit, "rows": rows_to_json(rows)}
+            write_atomic(json_path, json.dumps(report, indent=2))
+        if plot_path:
+            plot(rows, plot_path, f"{config.method} on {family.source}", unit)
+    return rows

@@ -1,0 +1,33 @@
+"""The model families a run can be: Transformer-XL on bytes; BERT or RoBERTa masked-LM.
+
+A family is one object that knows, for its runs, the model (built from the run's config),
+the data (streams, micro-batches and the forward pass the loop calls), the evaluation (the
+loss on a split, FLOPs per token), and how a run is read back (examples as token ids, the
+experts its layers pick, what a consolidated file records). The loop, `smoe eval`, `smoe
+slim` and `smoe ckpt consolidate` all take the family :func:`family_of` gives them and never
+ask which one it is. The interface is :class:`~.base.Family`; a new family is a new module
+here that provides it, and one line in :func:`family_of`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from smoe.launcher.config import TrainConfig
+from smoe.launcher.families.base import Family, Pass
+from smoe.launcher.families.masked_lm import MaskedLMFamily
+from smoe.launcher.families.transformer_xl import TransformerXLFamily
+
+def family_of(config: TrainConfig, run_root: Path | None = None, metadata: dict[str, str] | None = None) -> Family:
+    """The family of a run (its directory) or of a consolidated file (its metadata)."""
+    if not config.masked_lm:
+        return TransformerXLFamily(config)
+    if metadata is not None:
+        if "pad_token_id" not in metadata:
+            raise ValueError("this consolidated masked-LM file records no pad_token_id: consolidate the run again "
+                             "with `smoe ckpt consolidate RUN OUT`")
+        return MaskedLMFamily(config, pad_token_id=int(metadata["pad_token_id"]))
+    return MaskedLMFamily(config, run_root)
+
+
+__all__ = ["Family", "MaskedLMFamily", "Pass", "TransformerXLFamily", "family_of"]
