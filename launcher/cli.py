@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# KEY=VALUE: a config key (dashes allowed, as parse_override reads them), then "=".
-OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*=")
+# KEY=VALUE: a config key (dashes allowed, as parse_override reads them; dotted for a section), then "=".
+OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*=")
 
 
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:

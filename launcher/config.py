@@ -1,8 +1,10 @@
 """The one training config: a preset from ``presets.json``, then command-line overrides.
 
-``TrainConfig`` is flat on purpose: every knob of a run is one ``key=value`` away on
-the command line, is saved as ``config.json`` in the run directory, and flows down to
-the model, data and loop. Validation names the field and the fix.
+Every knob of a run is one ``key=value`` away on the command line, is saved as
+``config.json`` in the run directory, and flows down to the model, data and loop. The
+router's options are one nested object (:class:`~smoe.routing.RouterOptions`, keys
+``router.balance_coef=...``) that travels whole to the router. Validation names the field
+and the fix.
 """
 
 from __future__ import annotations
@@ -10,17 +12,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 
 from smoe.data.mlm import check_block_fits
 from smoe.model.feedforward import FeedForwardSpec, combine_scale_value, get_method, moe_layers
 from smoe.model.transformer_xl import TransformerXLConfig
-from smoe.routing import TopKSchedule
+from smoe.routing import RouterOptions, TopKSchedule
 
 # Fields that fix the shapes of the saved tensors, or what the trained weights compute: a
 # resume must not change them. (ep_size may change: the checkpoint is resharded.)
-SHAPE_FIELDS = ("model", "n_layer", "d_model", "n_head", "d_head", "d_inner", "num_experts", "method", "moe_layers",
+SHAPE_FIELDS = ("model", "n_layer", "d_model", "n_head", "d_head", "d_ff", "num_experts", "method", "moe_layers",
                 "vocab_size", "combine_scale")
 
 
@@ -28,6 +30,10 @@ MODELS = ("transformer-xl", "bert", "roberta")
 # The best combine scale found per model (docs/quality.md, 3 seeds each): inverted dropout for
 # Transformer-XL (better at every k), the paper's 1 for masked-LM (better at k <= 4, equal above).
 DEFAULT_COMBINE_SCALE = {"transformer-xl": "N", "bert": "1", "roberta": "1"}
+# Keys that were renamed: still read in saved configs, presets and overrides.
+RENAMED = {"d_inner": "d_ff", "balance_coef": "router.balance_coef", "z_loss_coef": "router.z_loss_coef"}
+# The nested option objects, by key.
+SECTIONS = {"router": RouterOptions}
 
 
 @dataclass
@@ -52,7 +58,7 @@ class TrainConfig:
     d_model: int = 256
     n_head: int = 8
     d_head: int = 64
-    d_inner: int = 8192  # the dense MLP width: num_experts experts of d_inner / num_experts
+    d_ff: int = 8192  # the dense MLP width: num_experts experts of d_ff / num_experts
     dropout: float = 0.1
     dropatt: float = 0.0
     tgt_len: int = 512
@@ -66,8 +72,7 @@ class TrainConfig:
     k_min: int = 8  # increasing-k methods: k = linear(k_min -> k_max) over max_steps
     k_max: int = 16
     k_fixed: int = 2  # fixed-k methods (smoe-learned, thor)
-    balance_coef: float = 0.01
-    z_loss_coef: float = 0.0
+    router: RouterOptions = field(default_factory=RouterOptions)  # router.balance_coef=..., router.z_loss_coef=...
     consistency_coef: float = 2.0  # THOR's symmetric KL weight
     dropblock_size: int = 64
     ep_size: int = 1
@@ -110,14 +115,14 @@ class TrainConfig:
             raise ValueError(f"mlm_probability ({self.mlm_probability}) must be between 0 and 1, e.g. 0.15")
         if self.masked_lm:
             check_block_fits(self.block_size, self.max_positions)
-        positive = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "tgt_len", "eval_tgt_len", "num_experts",
+        positive = ("n_layer", "d_model", "n_head", "d_head", "d_ff", "tgt_len", "eval_tgt_len", "num_experts",
                     "batch_size", "grad_accum", "eval_batch_size", "block_size", "max_positions", "max_steps", "log_every",
                     "eval_every", "save_every", "keep_checkpoints", "ep_size", "vocab_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
-        for name in ("lr", "clip", "weight_decay", "mem_len", "eval_segments", "warmup_steps", "lr_min", "balance_coef",
-                     "z_loss_coef", "consistency_coef", "overflow_patience"):
+        for name in ("lr", "clip", "weight_decay", "mem_len", "eval_segments", "warmup_steps", "lr_min",
+                     "consistency_coef", "overflow_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must not be negative")
         if not method.dense:
@@ -153,14 +158,14 @@ class TrainConfig:
 
     def model_config(self) -> TransformerXLConfig:
         return TransformerXLConfig(vocab_size=self.vocab_size, n_layer=self.n_layer, d_model=self.d_model,
-                                   n_head=self.n_head, d_head=self.d_head, d_inner=self.d_inner,
+                                   n_head=self.n_head, d_head=self.d_head, d_ff=self.d_ff,
                                    dropout=self.dropout, dropatt=self.dropatt, tgt_len=self.tgt_len,
                                    mem_len=self.mem_len, clamp_len=self.clamp_len, seed=self.seed)
 
     def feedforward_spec(self) -> FeedForwardSpec:
-        return FeedForwardSpec(self.method, self.d_model, self.d_inner, self.n_layer, self.moe_layers,
+        return FeedForwardSpec(self.method, self.d_model, self.d_ff, self.n_layer, self.moe_layers,
                                self.num_experts, self.k_schedule()(0), dropout=self.dropout,
-                               balance_coef=self.balance_coef, z_loss_coef=self.z_loss_coef,
+                               router_options=self.router,
                                dropblock_size=self.dropblock_size, vocab_size=self.vocab_size,
                                ep_size=self.ep_size, dispatch=self.dispatch, seed=self.seed,
                                combine_scale=float(self.combine_scale))
@@ -173,8 +178,23 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        _check_keys(values)
-        return cls(**values)
+        """From flat keys, dotted keys (``router.balance_coef``), nested dicts or option objects,
+        and renamed keys (:data:`RENAMED`); a later dotted key wins over its section's dict."""
+        flat, sections = {}, {name: {} for name in SECTIONS}
+        for key, value in values.items():
+            key = canonical_key(key)
+            if key in SECTIONS:
+                given = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+                _check_keys([f"{key}.{name}" for name in given])
+                sections[key].update(given)
+                continue
+            _check_keys([key])
+            if "." in key:
+                section, name = key.split(".", 1)
+                sections[section][name] = value
+            else:
+                flat[key] = value
+        return cls(**flat, **{name: SECTIONS[name](**options) for name, options in sections.items()})
 
     @classmethod
     def from_saved(cls, values: dict) -> "TrainConfig":
@@ -203,9 +223,9 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ValueError(f"override '{text}' is not key=value, e.g. max_steps=1000")
     key, raw = text.split("=", 1)
-    key = key.strip().replace("-", "_")
-    _check_keys({key: None})
-    kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[key]
+    key = canonical_key(key)
+    _check_keys([key])
+    kind = key_types()[key]
     try:
         if kind == "int":
             return key, int(raw)
@@ -224,9 +244,26 @@ def build_config(preset: str, overrides: dict | None = None) -> TrainConfig:
     return TrainConfig.from_dict({**preset_values(preset), **(overrides or {})})
 
 
-def _check_keys(values: dict) -> None:
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
-    for key in values:
+def canonical_key(key: str) -> str:
+    """A key as the config names it: dashes as underscores, renamed keys under their new name."""
+    key = key.strip().replace("-", "_")
+    return RENAMED.get(key, key)
+
+
+def key_types() -> dict[str, str]:
+    """Every key a config takes (a section's as ``section.name``) and its type's name."""
+    types = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SECTIONS:
+            types.update({f"{f.name}.{g.name}": g.type for g in dataclasses.fields(SECTIONS[f.name])})
+        else:
+            types[f.name] = f.type
+    return types
+
+
+def _check_keys(keys) -> None:
+    known = list(key_types())
+    for key in keys:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "see `smoe train --help` for the keys"

@@ -25,6 +25,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModel
                           RobertaForMaskedLM, RobertaForMultipleChoice, RobertaForSequenceClassification,
                           RobertaModel)
 
+from smoe.routing import RouterOptions
+
 from .feedforward import FeedForwardSpec, feedforward_factory, get_method
 from .mlp import MLP, modularize
 
@@ -54,10 +56,18 @@ def _spec(config) -> FeedForwardSpec:
     hidden_dropout = config.hidden_dropout_prob if method.dense and method.regularizer != "dropout" else 0.0
     return FeedForwardSpec(config.method, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                            config.moe_layers, config.num_experts, config.top_k, activation="gelu",
-                           dropout=hidden_dropout, balance_coef=config.balance_coef, z_loss_coef=config.z_loss_coef,
+                           dropout=hidden_dropout, router_options=router_options_of(config),
                            dropblock_size=config.dropblock_size, vocab_size=config.vocab_size,
                            ep_size=config.ep_size, dispatch=config.dispatch, seed=config.router_seed,
                            init_std=config.initializer_range, combine_scale=config.combine_scale)
+
+
+def router_options_of(config) -> RouterOptions:
+    """The config's router options; directories written before they were one field hold them flat."""
+    if config.router_options is not None:
+        return RouterOptions(**config.router_options)
+    flat = {name: getattr(config, name) for name in RouterOptions.__dataclass_fields__ if hasattr(config, name)}
+    return RouterOptions(**flat)
 
 
 def install_feedforward(model: nn.Module, ep_rank: int = 0, rank: int = 0) -> None:
@@ -97,8 +107,7 @@ class SMoEFields(PreTrainedConfig):
     top_k: int = 1  # k at load time; training sets it by the schedule, inference by choice
     moe_layers: str = "all"
     ep_size: int = 1
-    balance_coef: float = 0.01
-    z_loss_coef: float = 0.0
+    router_options: dict | None = None  # RouterOptions as a dict (None: its defaults, or older flat fields)
     dropblock_size: int = 64
     dispatch: str = "auto"
     router_seed: int = 0  # routers and experts are drawn from it: the same on every rank

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from smoe.routing import RouterOptions
+
 from .dense import DenseConfig, DenseFFN
 from .moe import MoEConfig, SMoE
 
@@ -95,8 +97,7 @@ class FeedForwardSpec:
     k: int = 1  # initial k; the training loop sets the schedule's k before every step
     activation: str = "relu"
     dropout: float = 0.1
-    balance_coef: float = 0.01
-    z_loss_coef: float = 0.0
+    router_options: RouterOptions = RouterOptions()
     dropblock_size: int = 64
     vocab_size: int | None = None  # the hash router's table
     ep_size: int = 1
@@ -119,7 +120,7 @@ def feedforward_factory(spec: FeedForwardSpec, ep_rank: int = 0, rank: int = 0):
             dense.mlp.reset_parameters(spec.init_std, torch.Generator().manual_seed(spec.seed + 101 * layer))
             return dense
         config = MoEConfig(spec.d_model, spec.d_ff, spec.num_experts, spec.k, method.router, spec.ep_size,
-                           spec.activation, spec.dropout, spec.balance_coef, spec.z_loss_coef, spec.vocab_size,
+                           spec.activation, spec.dropout, spec.router_options, spec.vocab_size,
                            seed=spec.seed + 101 * layer, init_std=spec.init_std, dispatch=spec.dispatch,
                            combine_scale=spec.combine_scale)
         return SMoE(config, ep_rank=ep_rank, rank=rank)

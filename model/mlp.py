@@ -1,4 +1,4 @@
-"""The feed-forward block ``d -> d_hidden -> d`` and its split into experts.
+"""The feed-forward block ``d -> d_ff -> d`` and its split into experts.
 
 An expert is the same module as the dense MLP, only ``d_ff / N`` wide: SMoE-Dropout
 keeps the parameter count of the dense model it replaces.
@@ -19,15 +19,15 @@ class MLP(nn.Module):
     units (the dense baselines pass Concrete Dropout or DropBlock).
     """
 
-    def __init__(self, d_model: int, d_hidden: int, activation: str = "relu", dropout: float | nn.Module = 0.0):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float | nn.Module = 0.0):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation '{activation}' is unknown: use one of {', '.join(ACTIVATIONS)}")
         self.activation_name = activation
-        self.fc1 = nn.Linear(d_model, d_hidden)
+        self.fc1 = nn.Linear(d_model, d_ff)
         self.act = ACTIVATIONS[activation]()
         self.dropout = dropout if isinstance(dropout, nn.Module) else nn.Dropout(dropout)
-        self.fc2 = nn.Linear(d_hidden, d_model)
+        self.fc2 = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(self.act(self.fc1(x))))
@@ -41,17 +41,17 @@ class MLP(nn.Module):
 
 
 def modularize(dense: MLP, num_experts: int) -> list[MLP]:
-    """Split a dense MLP into ``num_experts`` experts, each ``d_hidden / N`` hidden units.
+    """Split a dense MLP into ``num_experts`` experts, each ``d_ff / N`` hidden units.
 
     Expert i takes rows ``i*h:(i+1)*h`` of fc1 and the same columns of fc2, and
     ``fc2.bias / N``, so the experts' outputs summed with weight 1 are exactly the
     dense MLP's output (dropout aside).
     """
-    d_hidden = dense.fc1.out_features
-    if d_hidden % num_experts:
-        raise ValueError(f"the dense MLP's hidden size ({d_hidden}) is not divisible by num_experts "
-                         f"({num_experts}): choose num_experts dividing {d_hidden}")
-    width = d_hidden // num_experts
+    d_ff = dense.fc1.out_features
+    if d_ff % num_experts:
+        raise ValueError(f"the dense MLP's hidden size ({d_ff}) is not divisible by num_experts "
+                         f"({num_experts}): choose num_experts dividing {d_ff}")
+    width = d_ff // num_experts
     p = dense.dropout.p if isinstance(dense.dropout, nn.Dropout) else 0.0
     experts = []
     with torch.no_grad():

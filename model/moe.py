@@ -28,7 +28,7 @@ from deepspeed.moe.sharded_moe import MOELayer
 from deepspeed.utils import groups
 from torch import nn
 
-from smoe.routing import ROUTERS, build_router
+from smoe.routing import ROUTERS, RouterOptions, build_router
 
 from .dispatch import expert_parallel_combine, masked_dense_combine, reference_combine, sorted_combine
 from .mlp import ACTIVATIONS, MLP
@@ -48,8 +48,7 @@ class MoEConfig:
     ep_size: int = 1
     activation: str = "relu"
     dropout: float = 0.1  # on each expert's hidden units, as in the dense MLP
-    balance_coef: float = 0.01  # learned router only
-    z_loss_coef: float = 0.0  # learned router only
+    router_options: RouterOptions = RouterOptions()  # the router's own options (balance loss, ...)
     vocab_size: int | None = None  # hash router only
     seed: int = 0  # router and expert initialisation: the same on every rank
     init_std: float = 0.02
@@ -162,9 +161,9 @@ class SMoE(MoE):
         self.enable_expert_tensor_parallelism = False
 
         expert = MLP(config.d_model, config.d_ff // config.num_experts, config.activation, config.dropout)
-        router = build_router(config.router, d_model=config.d_model, num_experts=config.num_experts, k=config.k,
-                              seed=config.seed, vocab_size=config.vocab_size, balance_coef=config.balance_coef,
-                              z_loss_coef=config.z_loss_coef, rank=rank)
+        router = build_router(config.router, config.router_options, d_model=config.d_model,
+                              num_experts=config.num_experts, k=config.k, seed=config.seed,
+                              vocab_size=config.vocab_size, rank=rank)
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = ExpertDispatcher(router, experts, config, ep_rank)
         for local_id, expert in enumerate(experts.deepspeed_experts):

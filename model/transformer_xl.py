@@ -28,7 +28,7 @@ class TransformerXLConfig:
     d_model: int = 256
     n_head: int = 8
     d_head: int = 64  # free: n_head * d_head need not equal d_model
-    d_inner: int = 8192  # dense MLP width, for make_ffn; the model itself does not read it
+    d_ff: int = 8192  # dense MLP width, for make_ffn; the model itself does not read it
     dropout: float = 0.1
     dropatt: float = 0.0
     tgt_len: int = 512  # training segment length (the data loader's); forward takes any T
@@ -39,7 +39,7 @@ class TransformerXLConfig:
     seed: int = 0  # attention, embedding and LayerNorm initialisation: the same on every rank
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "d_model", "n_head", "d_head", "d_inner", "tgt_len"):
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "d_head", "d_ff", "tgt_len"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"TransformerXLConfig.{name} ({value}) must be at least 1: set a positive size")

@@ -18,6 +18,21 @@ from torch import nn
 ROUTERS = ("random-frozen", "learned", "hash", "random", "thor")
 
 
+@dataclass(frozen=True)
+class RouterOptions:
+    """The routers' own options: one object from the run config (``router.<name>=`` on the
+    command line, ``"router"`` in config.json) through the layer to :func:`build_router`. A new
+    option is a field here and its use in its router; nothing in between changes."""
+
+    balance_coef: float = 0.01  # learned: weight of the balance loss
+    z_loss_coef: float = 0.0  # learned: weight of the router z-loss
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if value < 0:
+                raise ValueError(f"router.{name} ({value}) must not be negative")
+
+
 @dataclass
 class Routes:
     expert_ids_TK: torch.Tensor  # long, distinct experts per token
@@ -213,13 +228,13 @@ class ThorRouter(RandomRouter):
     """
 
 
-def build_router(name: str, *, d_model: int, num_experts: int, k: int, seed: int, vocab_size: int | None = None,
-                 balance_coef: float = 0.01, z_loss_coef: float = 0.0, rank: int = 0) -> Router:
+def build_router(name: str, options: RouterOptions = RouterOptions(), *, d_model: int, num_experts: int, k: int,
+                 seed: int, vocab_size: int | None = None, rank: int = 0) -> Router:
     """Build a router by name. ``rank`` decorrelates the random routers' draws across ranks."""
     if name == "random-frozen":
         return RandomFrozenRouter(d_model, num_experts, k, seed)
     if name == "learned":
-        return LearnedRouter(d_model, num_experts, k, seed, balance_coef, z_loss_coef)
+        return LearnedRouter(d_model, num_experts, k, seed, options.balance_coef, options.z_loss_coef)
     if name == "hash":
         if not vocab_size:
             raise ValueError("the hash router needs vocab_size: set it to the tokenizer's vocabulary size")

@@ -6,7 +6,7 @@ the summary table of scripts/gpu-check.sh.
     python scripts/gpu_bench.py --device cpu --tiny    # smoke check of this script on CPU (seconds)
     python scripts/gpu_bench.py summary --junit J.xml --bench B.json --env E.json --out gpu-check.md
 
-The model is the `paper` preset (4 layers, d_model 256, 8 heads x 64, d_inner 8192, 16 experts
+The model is the `paper` preset (4 layers, d_model 256, 8 heads x 64, d_ff 8192, 16 experts
 of 512) built as `smoe train` builds it, at the paper's batch (22 segments of 512 bytes, each
 with the 512 hidden states of the previous segment as memory), in train mode (dropout 0.1).
 Parameters are cast to bf16 the way DeepSpeed's bf16 engine casts them (parameters only: the
@@ -31,7 +31,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 PAPER = {"batch_size": 22}
-TINY = {"n_layer": 2, "d_model": 64, "n_head": 2, "d_head": 32, "d_inner": 512, "tgt_len": 32, "mem_len": 32,
+TINY = {"n_layer": 2, "d_model": 64, "n_head": 2, "d_head": 32, "d_ff": 512, "tgt_len": 32, "mem_len": 32,
         "batch_size": 2}
 
 
@@ -137,7 +137,7 @@ def bench(argv: list[str]) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     dtype_name = str(dtype).removeprefix("torch.")
     title = (f"Transformer-XL {'tiny' if args.tiny else 'paper'} ({shape.get('n_layer', 4)} layers, d "
-             f"{shape.get('d_model', 256)}, d_inner {shape.get('d_inner', 8192)}, 16 experts), batch "
+             f"{shape.get('d_model', 256)}, d_ff {shape.get('d_ff', 8192)}, 16 experts), batch "
              f"{shape['batch_size']} x {shape.get('tgt_len', 512)}, mem {shape.get('mem_len', 512)}, {dtype_name}, "
              f"forward+backward, mean of {steps} steps after {warmup}, on {name}")
     print(title, flush=True)

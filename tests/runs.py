@@ -8,7 +8,7 @@ import sys
 
 from smoe.launcher.runtime.distributed import free_port
 
-SMALL = ["n_layer=2", "d_model=32", "n_head=2", "d_head=16", "d_inner=64", "num_experts=4", "tgt_len=16",
+SMALL = ["n_layer=2", "d_model=32", "n_head=2", "d_head=16", "d_ff=64", "num_experts=4", "tgt_len=16",
          "mem_len=16", "eval_tgt_len=16", "batch_size=4", "eval_batch_size=4", "k_min=1", "k_max=4", "k_fixed=2",
          "eval_ks=1,2,4", "log_every=1", "eval_every=10", "eval_segments=2", "save_every=10", "warmup_steps=2"]
 

@@ -68,6 +68,25 @@ def test_save_pretrained_and_from_pretrained_round_trip(family, tmp_path):
     torch.testing.assert_close(loaded(input_ids=inputs()).logits, model(input_ids=inputs()).logits)
 
 
+def test_router_options_round_trip_and_older_flat_fields_still_load(tmp_path):
+    import json
+
+    from smoe.model.moe import moe_layers_of
+
+    def options_of(path):
+        gates = [layer.deepspeed_moe.gate for layer in moe_layers_of(AutoModelForMaskedLM.from_pretrained(path))]
+        return {(g.balance_coef, g.z_loss_coef) for g in gates}
+
+    tiny("bert", method="smoe-learned", router_options={"balance_coef": 0.5, "z_loss_coef": 0.25}).save_pretrained(
+        tmp_path)
+    assert options_of(tmp_path) == {(0.5, 0.25)}
+    # A directory written when the options were flat fields of the config.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["router_options"]
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "balance_coef": 0.125, "z_loss_coef": 0.0625}))
+    assert options_of(tmp_path) == {(0.125, 0.0625)}
+
+
 @pytest.mark.parametrize("family, dense_class, config_class",
                          [("bert", BertForMaskedLM, BertConfig), ("roberta", RobertaForMaskedLM, RobertaConfig)])
 def test_convert_splits_a_dense_checkpoint_into_experts(family, dense_class, config_class, tmp_path):

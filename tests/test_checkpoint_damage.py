@@ -108,7 +108,7 @@ def test_a_missing_rank_file_is_named_and_pruning_keeps_the_newer_checkpoint(run
 
 def test_an_expert_file_of_another_model_size_is_refused(runs, corpus, tmp_path):
     run, checkpoints = copy_of_split(runs, tmp_path)
-    smoe("train", "--out", tmp_path / "wider", "--data-file", corpus, *RUN, "d_inner=128", "--stop-at", "1")
+    smoe("train", "--out", tmp_path / "wider", "--data-file", corpus, *RUN, "d_ff=128", "--stop-at", "1")
     name = "layer_0_expert_1_mp_rank_00_model_states.pt"
     shutil.copy(tmp_path / "wider" / "checkpoints" / "step000001" / name, checkpoints / "step000010" / name)
     result = resume(run, corpus, "--stop-at", "6")

@@ -60,7 +60,7 @@ def test_most_used_breaks_ties_by_id_and_refuses_bad_budgets():
         keep_experts(layer, [0, 0])
 
 
-MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_inner=64", "num_experts=4", "k_min=1", "k_max=4",
+MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", "k_min=1", "k_max=4",
        "vocab_size=300", "block_size=16", "max_positions=32", "batch_size=8", "eval_batch_size=4", "eval_ks=4",
        "log_every=1", "eval_every=100", "save_every=100", "eval_segments=1", "max_steps=4"]
 

@@ -63,7 +63,7 @@ def test_masked_lm_evaluates_on_ranks_that_do_not_divide_the_batch(books, tmp_pa
     from smoe.launcher.families.masked_lm import MaskedLMData, build_mlm_model
 
     config = build_config("bert-tiny", {"data_files": (str(books),), "n_layer": 2, "d_model": 32, "n_head": 2,
-                                        "d_inner": 64, "num_experts": 4, "k_min": 1, "k_max": 4, "eval_ks": (1, 4),
+                                        "d_ff": 64, "num_experts": 4, "k_min": 1, "k_max": 4, "eval_ks": (1, 4),
                                         "vocab_size": 300, "block_size": 16, "max_positions": 32, "batch_size": 8,
                                         "eval_batch_size": 4, "dropout": 0.0})
     data = MaskedLMData(config, tmp_path)
@@ -83,7 +83,7 @@ def test_masked_lm_seeds_only_the_cpu_generator(books, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(seed))
     config = build_config("bert-tiny", {"data_files": (str(books),), "n_layer": 1, "d_model": 32, "n_head": 2,
-                                        "d_inner": 64, "num_experts": 4, "k_min": 1, "k_max": 4, "eval_ks": (1, 4),
+                                        "d_ff": 64, "num_experts": 4, "k_min": 1, "k_max": 4, "eval_ks": (1, 4),
                                         "vocab_size": 300, "block_size": 16, "max_positions": 32, "batch_size": 8,
                                         "eval_batch_size": 4})
     data = MaskedLMData(config, tmp_path)

@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from smoe.routing import ROUTERS, assignment_counts, balance_loss, build_router
+from smoe.routing import ROUTERS, RouterOptions, assignment_counts, balance_loss, build_router
 
 D, N, VOCAB = 24, 16, 100
 
 
-def make(name, k=4, **kw):
-    return build_router(name, d_model=D, num_experts=N, k=k, seed=11, vocab_size=VOCAB, **kw)
+def make(name, k=4, rank=0, **options):
+    return build_router(name, RouterOptions(**options), d_model=D, num_experts=N, k=k, seed=11, vocab_size=VOCAB,
+                        rank=rank)
 
 
 def tokens(t=64, seed=0):

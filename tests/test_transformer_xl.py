@@ -10,12 +10,12 @@ from smoe.model.moe import MoEConfig, SMoE
 from smoe.model.transformer_xl import (PositionalEmbedding, RelativeAttention, TransformerXL, TransformerXLConfig,
                                       _rel_shift, lm_loss)
 
-CFG = TransformerXLConfig(n_layer=2, d_model=32, n_head=4, d_head=8, d_inner=64, tgt_len=8, mem_len=8)
+CFG = TransformerXLConfig(n_layer=2, d_model=32, n_head=4, d_head=8, d_ff=64, tgt_len=8, mem_len=8)
 MOE = MoEConfig(d_model=32, d_ff=64, num_experts=4, k=2, router="hash", vocab_size=256, dropout=0.0)
 
 
 def dense_ffn(i):
-    return DenseFFN(DenseConfig(CFG.d_model, CFG.d_inner, dropout=0.0))
+    return DenseFFN(DenseConfig(CFG.d_model, CFG.d_ff, dropout=0.0))
 
 
 def smoe_ffn(i):

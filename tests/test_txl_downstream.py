@@ -85,7 +85,7 @@ def test_slim_keeps_the_most_used_experts_and_budget_n_is_the_run(txl_run, sst2,
 
     # budget 2: the run's model with only the kept experts, saved with a config that says so
     slim_config, slim_model = load_consolidated(tmp_path / "two" / "model.safetensors")
-    assert (slim_config.num_experts, slim_config.d_inner, moe_layers_of(slim_model)[0].top_k) == (2, 32, 2)
+    assert (slim_config.num_experts, slim_config.d_ff, moe_layers_of(slim_model)[0].top_k) == (2, 32, 2)
     for layer, keep in zip(run_model.layers, report["kept"]):
         layer.ffn = keep_experts(layer.ffn, keep)
     run_model.eval()  # the new layers too
@@ -95,7 +95,7 @@ def test_slim_keeps_the_most_used_experts_and_budget_n_is_the_run(txl_run, sst2,
     # budget N: the run itself
     _, run_model = consolidated(txl_run, tmp_path, k=4)
     full_config, full_model = load_consolidated(tmp_path / "four" / "model.safetensors")
-    assert (full_config.num_experts, full_config.d_inner, moe_layers_of(full_model)[0].top_k) == (4, 64, 4)
+    assert (full_config.num_experts, full_config.d_ff, moe_layers_of(full_model)[0].top_k) == (4, 64, 4)
     torch.testing.assert_close(full_model(ids).logits, run_model(ids).logits)
 
 
@@ -207,10 +207,10 @@ def test_params_works_for_bert_runs_too(tmp_path, capsys):
     from smoe.launcher.families.masked_lm import build_mlm_model
 
     train_tokenizer([" ".join(WORDS)] * 10, "bert", 200).save_pretrained(tmp_path / "tokenizer")
-    config = build_config("bert-tiny", {"n_layer": 2, "d_model": 32, "n_head": 2, "d_inner": 64, "num_experts": 4,
+    config = build_config("bert-tiny", {"n_layer": 2, "d_model": 32, "n_head": 2, "d_ff": 64, "num_experts": 4,
                                         "vocab_size": 200, "k_min": 1, "k_max": 4, "eval_ks": (4,)})
     family = MaskedLMFamily(config, tmp_path)
-    sizes = {budget: model_size(build_mlm_model(replace(config, num_experts=budget, d_inner=16 * budget,
+    sizes = {budget: model_size(build_mlm_model(replace(config, num_experts=budget, d_ff=16 * budget,
                                                         k_max=budget, eval_ks=()), family.tokenizer.pad_token_id))
              for budget in (1, 3)}
     assert budget_for_params(str(sizes[3] - 1), config, family) == 2
@@ -242,7 +242,7 @@ def test_a_dense_run_gets_a_narrower_fresh_mlp_or_stays_whole(corpus, sst2, tmp_
     _, run_model = consolidated(run_dir, tmp_path, k=1)
     config, narrow = load_consolidated(tmp_path / "two" / "model.safetensors")
     fresh, trained = narrow.layers[0].ffn.mlp.fc1.weight, run_model.layers[0].ffn.mlp.fc1.weight
-    assert config.d_inner == 32 and fresh.shape == (32, 32) and not torch.equal(fresh, trained[:32])
+    assert config.d_ff == 32 and fresh.shape == (32, 32) and not torch.equal(fresh, trained[:32])
     assert json.loads((tmp_path / "two" / "slim.json").read_text())["dense_width"] == 32
     torch.testing.assert_close(narrow.layers[0].attn.qkv_net.weight, run_model.layers[0].attn.qkv_net.weight)
     torch.testing.assert_close(narrow.word_emb.weight, run_model.word_emb.weight)

@@ -85,8 +85,8 @@ def save_slim(model: nn.Module, config: TrainConfig, family: Family, out: Path) 
 def slim_config(config: TrainConfig, budget: int, k: int) -> TrainConfig:
     """The run's config with ``budget`` experts per layer, each as wide as before, all at top-k
     ``k`` (at most ``budget``): what the slim model is built from and saved with."""
-    width = config.d_inner // config.num_experts
-    return replace(config, num_experts=budget, d_inner=width * budget, k_min=k, k_max=k, k_fixed=k,
+    width = config.d_ff // config.num_experts
+    return replace(config, num_experts=budget, d_ff=width * budget, k_min=k, k_max=k, k_fixed=k,
                    eval_ks=tuple(sorted({min(e, budget) for e in config.eval_ks})), ep_size=1)
 
 
@@ -167,7 +167,7 @@ def run(args) -> None:
     model = family.build(config)
     tag = loadable_tag(run_dir.checkpoints, model)  # checked file by file; an older one if the newest is damaged
     model.load_state_dict(full_state_dict(run_dir.checkpoints / tag))
-    width = config.d_inner // experts
+    width = config.d_ff // experts
     report = {"run": str(run_dir.root), "checkpoint": tag, "run_experts": experts, "budget": budget,
               "method": config.method}
     if get_method(config.method).dense:

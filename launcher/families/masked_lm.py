@@ -9,7 +9,7 @@ evaluation in bits per masked token at every k (the paper's "BPC" for BERT).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import deepspeed.comm as dist
@@ -79,12 +79,12 @@ def build_mlm_model(config: TrainConfig, pad_token_id: int, rank: int = 0):
     positions = config.max_positions + (pad_token_id + 1 if config.model == "roberta" else 0)
     hf_config = config_class(
         vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head, intermediate_size=config.d_inner, max_position_embeddings=positions,
+        num_attention_heads=config.n_head, intermediate_size=config.d_ff, max_position_embeddings=positions,
         hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropatt, pad_token_id=pad_token_id,
         type_vocab_size=1 if config.model == "roberta" else 2,
         method=config.method, num_experts=config.num_experts, top_k=config.k_schedule()(0),
-        moe_layers=config.moe_layers, ep_size=config.ep_size, balance_coef=config.balance_coef,
-        z_loss_coef=config.z_loss_coef, dropblock_size=config.dropblock_size, dispatch=config.dispatch,
+        moe_layers=config.moe_layers, ep_size=config.ep_size, router_options=asdict(config.router),
+        dropblock_size=config.dropblock_size, dispatch=config.dispatch,
         router_seed=config.seed, combine_scale=float(config.combine_scale))
     with seeded_cpu_rng(config.seed):  # transformers draws the shared weights from the global RNG: same on every rank
         return model_class(hf_config, ep_rank=init_expert_parallel(config.ep_size), rank=rank)
