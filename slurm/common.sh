@@ -32,6 +32,6 @@ smoe_step_and_requeue() {
 }
 
 export MASTER_ADDR=${MASTER_ADDR:-$(smoe_master_addr "$SLURM_JOB_NODELIST")}
-# The port from the job id, as launcher/slurm.py computes it: 10000-29999, below Linux's
+# The port from the job id, as launcher/runtime/slurm.py computes it: 10000-29999, below Linux's
 # ephemeral ports (32768-60999), which outgoing connections take.
 export MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
