@@ -68,3 +68,36 @@ def layout_runs(corpus, tmp_path_factory):
     shutil.copytree(root / "ep1", root / "ep1-at-6")
     train(root / "ep1", corpus, "--resume")
     return root
+
+
+# The tiny BERT masked-LM run the downstream tests share (books, 4 steps).
+MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", "k_min=1", "k_max=4",
+       "vocab_size=300", "block_size=16", "max_positions=32", "batch_size=8", "eval_batch_size=4", "eval_ks=4",
+       "log_every=1", "eval_every=100", "save_every=100", "eval_segments=1", "max_steps=4"]
+
+
+@pytest.fixture(scope="session")
+def bert_run(books, tmp_path_factory):
+    """One BERT-tiny run on `books`, trained once per test run; tests only read it."""
+    from runs import smoe
+
+    out = tmp_path_factory.mktemp("bert") / "run"
+    smoe("train", "--preset", "bert-tiny", "--data-files", books, "--out", out, *MLM)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bert_slim(bert_run, books):
+    """``bert_slim(B)``: `smoe slim` of :func:`bert_run` to B experts per layer (counted on books/a.txt),
+    made once per budget per test run; tests only read it."""
+    from runs import smoe
+
+    made = {}
+
+    def slim(budget: int):
+        if budget not in made:
+            made[budget] = bert_run.parent / f"slim-{budget}"
+            smoe("slim", bert_run, "--budget", budget, "--data", books / "a.txt", "--out", made[budget])
+        return made[budget]
+
+    return slim

@@ -13,6 +13,7 @@ import smoe.model.bert  # noqa: F401  (registers smoe-bert with transformers' Au
 from smoe.model import MoEConfig, SMoE
 from smoe.model.slim import keep_experts, most_used
 
+from conftest import MLM
 from runs import smoe
 
 LAYER = MoEConfig(d_model=16, d_ff=128, num_experts=8, k=8, dropout=0.0, vocab_size=50, seed=3)
@@ -60,29 +61,15 @@ def test_most_used_breaks_ties_by_id_and_refuses_bad_budgets():
         keep_experts(layer, [0, 0])
 
 
-MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", "k_min=1", "k_max=4",
-       "vocab_size=300", "block_size=16", "max_positions=32", "batch_size=8", "eval_batch_size=4", "eval_ks=4",
-       "log_every=1", "eval_every=100", "save_every=100", "eval_segments=1", "max_steps=4"]
-
-
-@pytest.fixture(scope="module")
-def bert_run(books, tmp_path_factory):
-    out = tmp_path_factory.mktemp("slim") / "run"
-    smoe("train", "--preset", "bert-tiny", "--data-files", books, "--out", out, *MLM)
-    return out
-
-
-def test_slim_keeps_the_most_used_experts_and_budget_n_is_the_full_model(bert_run, books, tmp_path):
+def test_slim_keeps_the_most_used_experts_and_budget_n_is_the_full_model(bert_run, bert_slim, books, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    data = books / "a.txt"
-    smoe("slim", bert_run, "--budget", "4", "--data", data, "--out", tmp_path / "full")
-    result = smoe("slim", bert_run, "--budget", "2", "--data", data, "--out", tmp_path / "two")
+    result = smoe("slim", bert_run, "--budget", "2", "--data", books / "a.txt", "--out", tmp_path / "two")
     report = json.loads((tmp_path / "two" / "slim.json").read_text())
     assert report["k"] == 2 and "kept 2 of 4 experts per layer" in result.stdout
     for kept, counts in zip(report["kept"], report["counts"]):
         assert kept == most_used(torch.tensor(counts), 2) and sum(counts) > 0
-    full = AutoModelForMaskedLM.from_pretrained(tmp_path / "full").eval()
+    full = AutoModelForMaskedLM.from_pretrained(bert_slim(4)).eval()
     two = AutoModelForMaskedLM.from_pretrained(tmp_path / "two").eval()
     assert (two.config.num_experts, two.config.intermediate_size, two.config.top_k) == (2, 32, 2)
     assert len(two.bert.encoder.layer[0].output.block.local_experts) == 2
@@ -99,7 +86,7 @@ def test_slim_keeps_the_most_used_experts_and_budget_n_is_the_full_model(bert_ru
     torch.testing.assert_close(full(input_ids=ids).logits, original.eval()(input_ids=ids).logits)
 
 
-def test_consolidate_works_on_a_bert_run(bert_run, books, tmp_path):
+def test_consolidate_works_on_a_bert_run(bert_run, bert_slim, tmp_path):
     from transformers import AutoModelForMaskedLM
 
     from smoe.launcher.checkpoints.consolidate import load_consolidated
@@ -109,8 +96,7 @@ def test_consolidate_works_on_a_bert_run(bert_run, books, tmp_path):
     smoe("ckpt", "consolidate", bert_run, tmp_path / "model.safetensors")
     config, model = load_consolidated(tmp_path / "model.safetensors")  # no run directory, no tokenizer needed
     assert isinstance(model, SMoEBertForMaskedLM) and config.model == "bert" and config.num_experts == 4
-    smoe("slim", bert_run, "--budget", "4", "--data", books / "a.txt", "--out", tmp_path / "full")
-    full = AutoModelForMaskedLM.from_pretrained(tmp_path / "full").eval()  # the same weights, another way
+    full = AutoModelForMaskedLM.from_pretrained(bert_slim(4)).eval()  # the same weights, another way
     set_top_k(model, 4)
     ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(input_ids=ids).logits, full(input_ids=ids).logits)
@@ -126,7 +112,7 @@ def test_slim_refuses_bad_budgets_and_says_what_a_dense_budget_means(bert_run, b
     wrong.write_text("text\tlabel\nhello\t1\n")
     result = smoe("slim", bert_run, "--budget", "2", "--data", wrong, "--out", tmp_path / "x", check=False)
     assert result.returncode == 2 and "needs a 'sentence' column" in result.stderr
-    dense = bert_run.parent / "dense"
+    dense = tmp_path / "dense"
     smoe("train", "--preset", "bert-tiny", "--method", "dense", "--data-files", books, "--out", dense, *MLM)
     result = smoe("slim", dense, "--budget", "2", "--data", books / "a.txt", "--out", tmp_path / "dense2")
     assert "means a dense MLP of width 32, freshly initialised" in result.stdout
@@ -135,9 +121,8 @@ def test_slim_refuses_bad_budgets_and_says_what_a_dense_budget_means(bert_run, b
     assert "the full budget keeps it whole" in result.stdout
 
 
-def test_finetune_a_slim_model_on_sst2(bert_run, books, sst2, tmp_path):
-    smoe("slim", bert_run, "--budget", "2", "--data", books / "a.txt", "--out", tmp_path / "slim")
-    result = smoe("finetune", "sst2", "--model", tmp_path / "slim", "--data", sst2, "--out", tmp_path / "ft",
+def test_finetune_a_slim_model_on_sst2(bert_slim, sst2, tmp_path):
+    result = smoe("finetune", "sst2", "--model", bert_slim(2), "--data", sst2, "--out", tmp_path / "ft",
                   "--epochs", "3", "--lr", "3e-3", "--batch-size", "16", "--k", "1")
     report = json.loads((tmp_path / "ft" / "result.json").read_text())
     assert (report["experts"], report["k"], report["task"]) == (2, 1, "sst2")
@@ -146,11 +131,10 @@ def test_finetune_a_slim_model_on_sst2(bert_run, books, sst2, tmp_path):
     assert "ETA" in result.stdout
 
 
-def test_finetune_refuses_bad_tasks_columns_and_labels(bert_run, books, tmp_path):
-    smoe("slim", bert_run, "--budget", "4", "--data", books / "a.txt", "--out", tmp_path / "slim")
+def test_finetune_refuses_bad_tasks_columns_and_labels(bert_slim, tmp_path):
     data = tmp_path / "sst2"
     data.mkdir()
-    args = ["--model", tmp_path / "slim", "--data", data, "--out", tmp_path / "ft"]
+    args = ["--model", bert_slim(4), "--data", data, "--out", tmp_path / "ft"]
     result = smoe("finetune", "imdb", *args, check=False)
     assert result.returncode == 2
     assert "task 'imdb' is unknown: use one of sst2, csqa, asdiv-a, mawps, svamp" in result.stderr

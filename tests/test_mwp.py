@@ -17,7 +17,6 @@ from smoe.launcher.downstream.tasks.mwp import GRAMMAR, load_decoder, save_decod
 from smoe.model.equation_decoder import DecoderConfig, EquationDecoder
 
 from runs import smoe
-from test_downstream import MLM
 
 
 @pytest.mark.parametrize("equation, numbers, value", [
@@ -192,11 +191,8 @@ def synthetic_problems(size: int, seed: int) -> list[tuple[str, str, str, str]]:
 
 
 @pytest.fixture(scope="module")
-def slim_bert(books, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mwp")
-    smoe("train", "--preset", "bert-tiny", "--data-files", books, "--out", root / "run", *MLM)
-    smoe("slim", root / "run", "--budget", "4", "--data", books / "a.txt", "--out", root / "slim")
-    return root / "slim"
+def slim_bert(bert_slim):
+    return bert_slim(4)
 
 
 def test_finetune_asdiv_a_learns_the_operators_over_five_folds(slim_bert, tmp_path):

@@ -9,19 +9,14 @@ import torch
 
 from conftest import WORDS
 from runs import smoe
-from test_downstream import MLM
 
 FAST = ["--lr", "3e-3", "--batch-size", "16", "--epochs", "3"]
 
 
 @pytest.fixture(scope="module")
-def models(books, tmp_path_factory):
-    """A tiny BERT run, its full model (budget 4 of 4) and a single-expert student (budget 1)."""
-    root = tmp_path_factory.mktemp("transfer")
-    smoe("train", "--preset", "bert-tiny", "--data-files", books, "--out", root / "run", *MLM)
-    for budget in (4, 1):
-        smoe("slim", root / "run", "--budget", budget, "--data", books / "a.txt", "--out", root / f"b{budget}")
-    return root
+def models(bert_slim):
+    """The shared BERT run's full model (budget 4 of 4) and its single-expert student (budget 1)."""
+    return {"b4": bert_slim(4), "b1": bert_slim(1)}
 
 
 def write_csqa(path, size: int, seed: int) -> None:
@@ -44,26 +39,26 @@ def test_csqa_learns_multiple_choice_and_refuses_bad_records(models, tmp_path):
     data.mkdir()
     write_csqa(data / "train_rand_split.jsonl", 300, seed=0)
     write_csqa(data / "dev_rand_split.jsonl", 60, seed=1)
-    result = smoe("finetune", "csqa", "--model", models / "b4", "--data", data, "--out", tmp_path / "ft", *FAST)
+    result = smoe("finetune", "csqa", "--model", models["b4"], "--data", data, "--out", tmp_path / "ft", *FAST)
     report = json.loads((tmp_path / "ft" / "result.json").read_text())
     assert (report["task"], report["metric"], report["run_experts"], report["budget"]) == ("csqa", "accuracy", 4, 4)
     assert report["dev"]["accuracy"] > 0.8, result.stdout[-2000:]  # chance is 0.2
 
     (data / "dev_rand_split.jsonl").write_text('{"answerKey": "F", "question": {"stem": "s", "choices": '
                                                + json.dumps([{"label": c, "text": c} for c in "ABCDE"]) + "}}\n")
-    result = smoe("finetune", "csqa", "--model", models / "b4", "--data", data, "--out", tmp_path / "x", check=False)
+    result = smoe("finetune", "csqa", "--model", models["b4"], "--data", data, "--out", tmp_path / "x", check=False)
     assert result.returncode == 2 and "dev_rand_split.jsonl:1: answerKey 'F' is not one of CSQA's classes" in \
         result.stderr
     (data / "dev_rand_split.jsonl").write_text('{"id": "1"}\n')
-    result = smoe("finetune", "csqa", "--model", models / "b4", "--data", data, "--out", tmp_path / "x", check=False)
+    result = smoe("finetune", "csqa", "--model", models["b4"], "--data", data, "--out", tmp_path / "x", check=False)
     assert result.returncode == 2 and "CSQA records need 'answerKey'" in result.stderr
 
 
 def test_distillation_teaches_the_single_expert_student_from_soft_targets_alone(models, sst2, tmp_path):
-    smoe("finetune", "sst2", "--model", models / "b4", "--data", sst2, "--out", tmp_path / "teacher", *FAST)
+    smoe("finetune", "sst2", "--model", models["b4"], "--data", sst2, "--out", tmp_path / "teacher", *FAST)
     teacher = json.loads((tmp_path / "teacher" / "result.json").read_text())
     # alpha 1: the labels are never seen, so only the teacher can teach the task
-    result = smoe("distill", "--teacher", tmp_path / "teacher", "--student", models / "b1", "--data", sst2,
+    result = smoe("distill", "--teacher", tmp_path / "teacher", "--student", models["b1"], "--data", sst2,
                   "--out", tmp_path / "student", "--alpha", "1", *FAST)
     student = json.loads((tmp_path / "student" / "result.json").read_text())
     assert (student["kind"], student["experts"], student["k"], student["budget"]) == ("distillation", 1, 1, 1)
@@ -71,7 +66,7 @@ def test_distillation_teaches_the_single_expert_student_from_soft_targets_alone(
     assert student["dev"]["accuracy"] > 0.9, result.stdout[-2000:]
     assert student["active_params"] < teacher["active_params"]
 
-    result = smoe("distill", "--teacher", models / "b4", "--student", models / "b1", "--data", sst2,
+    result = smoe("distill", "--teacher", models["b4"], "--student", models["b1"], "--data", sst2,
                   "--out", tmp_path / "x", check=False)
     assert result.returncode == 2 and "holds no fine-tuned classifier" in result.stderr
 
@@ -79,7 +74,7 @@ def test_distillation_teaches_the_single_expert_student_from_soft_targets_alone(
 def test_report_lays_out_the_papers_tables_and_figure(models, sst2, tmp_path):
     runs = tmp_path / "runs"
     for name, model, k in (("full-k1", "b4", 1), ("full-k4", "b4", 4), ("one", "b1", 1)):
-        smoe("finetune", "sst2", "--model", models / model, "--data", sst2, "--out", runs / name, "--k", k,
+        smoe("finetune", "sst2", "--model", models[model], "--data", sst2, "--out", runs / name, "--k", k,
              "--epochs", "1", "--max-train-examples", "32")
     results = {name: json.loads((runs / name / "result.json").read_text()) for name in ("full-k1", "full-k4", "one")}
     result = smoe("report", runs, "--out", tmp_path / "report")

@@ -203,7 +203,8 @@ def test_params_works_for_bert_runs_too(tmp_path, capsys):
     from conftest import WORDS
 
     from smoe.data.mlm import train_tokenizer
-    from smoe.launcher.downstream.slim import MaskedLMFamily, budget_for_params
+    from smoe.launcher.downstream.slim import budget_for_params
+    from smoe.launcher.families.masked_lm import MaskedLMFamily
     from smoe.launcher.families.masked_lm import build_mlm_model
 
     train_tokenizer([" ".join(WORDS)] * 10, "bert", 200).save_pretrained(tmp_path / "tokenizer")

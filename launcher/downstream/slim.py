@@ -29,7 +29,7 @@ from torch import nn
 
 from smoe.launcher.config import TrainConfig
 from smoe.launcher.evaluation.metrics import model_size
-from smoe.launcher.families import Family, MaskedLMFamily, family_of
+from smoe.launcher.families import Family, family_of
 from smoe.launcher.runtime import log
 from smoe.launcher.runtime.files import write_atomic
 from smoe.model.dense import DenseFFN
@@ -73,7 +73,7 @@ def read_examples(path: Path, limit: int) -> list[str]:
 def save_slim(model: nn.Module, config: TrainConfig, family: Family, out: Path) -> None:
     """A transformers directory with the run's tokenizer (BERT/RoBERTa), or one consolidated
     safetensors file (Transformer-XL)."""
-    if isinstance(family, MaskedLMFamily):
+    if config.masked_lm:
         model.save_pretrained(out)  # its transformers config was built from ``config``
         family.tokenizer.save_pretrained(out)
     else:

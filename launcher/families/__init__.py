@@ -15,13 +15,15 @@ from pathlib import Path
 
 from smoe.launcher.config import TrainConfig
 from smoe.launcher.families.base import Family, Pass
-from smoe.launcher.families.masked_lm import MaskedLMFamily
 from smoe.launcher.families.transformer_xl import TransformerXLFamily
 
 def family_of(config: TrainConfig, run_root: Path | None = None, metadata: dict[str, str] | None = None) -> Family:
-    """The family of a run (its directory) or of a consolidated file (its metadata)."""
+    """The family of a run (its directory) or of a consolidated file (its metadata). The masked-LM
+    family (transformers, tokenizers) is imported only for a masked-LM run."""
     if not config.masked_lm:
         return TransformerXLFamily(config)
+    from smoe.launcher.families.masked_lm import MaskedLMFamily
+
     if metadata is not None:
         if "pad_token_id" not in metadata:
             raise ValueError("this consolidated masked-LM file records no pad_token_id: consolidate the run again "
@@ -30,4 +32,4 @@ def family_of(config: TrainConfig, run_root: Path | None = None, metadata: dict[
     return MaskedLMFamily(config, run_root)
 
 
-__all__ = ["Family", "MaskedLMFamily", "Pass", "TransformerXLFamily", "family_of"]
+__all__ = ["Family", "Pass", "TransformerXLFamily", "family_of"]
