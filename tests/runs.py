@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from smoe.launcher.runtime.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[1]  # the repository: the package's root
 
 SMALL = ["n_layer=2", "d_model=32", "n_head=2", "d_head=16", "d_ff=64", "num_experts=4", "tgt_len=16",
          "mem_len=16", "eval_tgt_len=16", "batch_size=4", "eval_batch_size=4", "k_min=1", "k_max=4", "k_fixed=2",

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from runs import REPO
+
+ROOT = REPO
 PACKAGES = ("launcher", "model", "routing", "data")
 
 
@@ -118,3 +120,12 @@ def test_the_checker_sees_imports_of_every_form():
     assert "smoe.model.bert" in imports_of(launcher / "downstream" / "tasks" / "base.py")  # import x.y, in a function
     assert launcher_layer("smoe.launcher.evaluation.run") > launcher_layer("smoe.launcher.training")
     assert launcher_layer("smoe.launcher.evaluation.sweep") < launcher_layer("smoe.launcher.families")
+
+
+def test_the_tests_mirror_the_packages():
+    """tests/routing/ holds routing/'s tests, tests/launcher/runtime/ launcher/runtime/'s, and so on
+    (tests/gpu/ is the GPU tier, across packages)."""
+    tests = ROOT / "tests"
+    folders = {p.relative_to(tests) for p in tests.rglob("test_*.py")} - {Path("test_layout.py")}
+    unmatched = sorted(str(f) for f in folders if f.parts[0] != "gpu" and not (ROOT / f.parent).is_dir())
+    assert not unmatched and {f.parts[0] for f in folders} - {"gpu"} == {"routing", "model", "data", "launcher"}

@@ -1,5 +1,5 @@
 """The SMoE layer on CUDA in bf16 and fp16: every dispatch path against the reference loop
-(tests/test_layer.py's CPU test, at training precision), the host syncs of one training step,
+(tests/model/test_moe.py's CPU test, at training precision), the host syncs of one training step,
 and the routers' precision and device after the module is cast and moved."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from smoe.launcher.runtime.distributed import free_port
 
 from runs import DETERMINISTIC, SMALL, scalars
 
-# tests/test_masked_lm.py's small BERT, without its batch and step count.
+# tests/launcher/families/test_masked_lm.py's small BERT, without its batch and step count.
 MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", "k_min=1", "k_max=4", "k_fixed=2",
        "vocab_size=300", "block_size=16", "max_positions=32", "eval_batch_size=4", "eval_ks=1,2,4",
        "log_every=1", "eval_every=100", "save_every=100", "eval_segments=2", "warmup_steps=2"]
@@ -32,7 +32,7 @@ METHODS = ["dense", "dense-concrete", "dense-dropblock", "smoe-dropout", "smoe-l
 # relative. 2e-2 relative is far above that noise. lr=1e-2 makes the model learn fast (on CPU the
 # loss falls 5.5 -> 4.1 nats by step 5 and 3.4 by step 8, ~5 % a step), so a resume that restarts
 # the weights, the optimizer or the lr schedule is off by much more. The exact, bit-for-bit resume
-# (data position and RNG streams included) is tested on CPU (tests/test_train.py).
+# (data position and RNG streams included) is tested on CPU (tests/launcher/training/test_trainer.py).
 BF16_LOSS_RTOL = 2e-2
 FAST = ["lr=1e-2"]
 # `smoe eval` runs in fp32 on the saved bf16 weights on both devices (TF32 is off by default for

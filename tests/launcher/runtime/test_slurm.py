@@ -14,9 +14,9 @@ import pytest
 
 from smoe.launcher.runtime.distributed import free_port
 
-from runs import SMALL, scalars
+from runs import REPO, SMALL, scalars
 
-SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+SLURM_DIR = REPO / "slurm"
 STEPS = 600
 
 

@@ -1,10 +1,11 @@
 import json
 import tomllib
-from pathlib import Path
 
 import pytest
 
 from smoe.launcher.cli import main
+
+from runs import REPO
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["eval", "--help"], ["bench", "--help"],
@@ -20,7 +21,7 @@ def test_help_on_every_command(args, capsys):
 
 def test_every_package_folder_is_in_the_distribution():
     """A folder missing from pyproject's `packages` works from a checkout and is absent from a wheel."""
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {".".join(("smoe", *init.parent.relative_to(root).parts)) for init in root.glob("**/__init__.py")
                if not {"tests", "runs", "build"} & set(init.relative_to(root).parts) and ".git" not in init.parts}
