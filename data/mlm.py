@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .lm_stream import rank_share
+from smoe.data.lm_stream import rank_share
 
 # The files of which one makes a directory a transformers tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")

@@ -25,10 +25,10 @@ from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModel
                           RobertaForMaskedLM, RobertaForMultipleChoice, RobertaForSequenceClassification,
                           RobertaModel)
 
+from smoe.model.feedforward import FeedForwardSpec, feedforward_factory, get_method
+from smoe.model.mlp import MLP, modularize
 from smoe.routing import RouterOptions
 
-from .feedforward import FeedForwardSpec, feedforward_factory, get_method
-from .mlp import MLP, modularize
 
 class ExpertFeedForward(nn.Module):
     """A layer's feed-forward sublayer around any block: ``LayerNorm(dropout(block(x)) + x)``.

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mlp import ACTIVATIONS, MLP
+from smoe.model.mlp import ACTIVATIONS, MLP
 
 REGULARIZERS = ("dropout", "concrete", "dropblock")
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from smoe.model.dense import DenseConfig, DenseFFN
+from smoe.model.moe import MoEConfig, SMoE
 from smoe.routing import RouterOptions
-
-from .dense import DenseConfig, DenseFFN
-from .moe import MoEConfig, SMoE
 
 
 @dataclass(frozen=True)

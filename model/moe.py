@@ -28,10 +28,9 @@ from deepspeed.moe.sharded_moe import MOELayer
 from deepspeed.utils import groups
 from torch import nn
 
+from smoe.model.dispatch import expert_parallel_combine, masked_dense_combine, reference_combine, sorted_combine
+from smoe.model.mlp import ACTIVATIONS, MLP
 from smoe.routing import ROUTERS, RouterOptions, build_router
-
-from .dispatch import expert_parallel_combine, masked_dense_combine, reference_combine, sorted_combine
-from .mlp import ACTIVATIONS, MLP
 
 DISPATCHES = ("auto", "sorted", "masked-dense", "reference")
 # k / N from which "auto" runs all experts as one masked dense MLP (see `smoe bench layer`).

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from .moe import SMoE
+from smoe.model.moe import SMoE
 
 
 def most_used(counts: torch.Tensor, budget: int) -> list[int]:
