@@ -16,7 +16,6 @@ from smoe.data.mlm import TOKENIZER_FILES
 from smoe.launcher.runtime import log
 
 
-
 def add_arguments(parser) -> None:
     parser.add_argument("dense_dir", help="a transformers BertForMaskedLM or RobertaForMaskedLM directory")
     parser.add_argument("out_dir", help="where to write the SMoE model")

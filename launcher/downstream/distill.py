@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from smoe.launcher.downstream.finetune import (add_config_arguments, config_from, describe, fine_tune, set_k,
-                                              slim_record, write_result)
+                                               slim_record, write_result)
 from smoe.launcher.downstream.tasks import Classifier, TaskModel, model_family
 from smoe.launcher.downstream.tasks.sst2 import SST2
 

@@ -220,4 +220,3 @@ def write_result(out: Path, result: dict, models: list[tuple[str, TaskModel]]) -
     log.info(f"{result['task']} dev {metric} {result['dev'][metric]:.4f} over {len(result['splits'])} split(s) "
              f"({result['method']}, {f'{experts} expert(s)' if experts else 'dense'}, k={result['k'] or '-'}, "
              f"{result['active_params'] / 1e6:.2f}M active parameters): {out / 'result.json'}")
-

@@ -17,6 +17,7 @@ from smoe.launcher.config import TrainConfig
 from smoe.launcher.families.base import Family, Pass
 from smoe.launcher.families.transformer_xl import TransformerXLFamily
 
+
 def family_of(config: TrainConfig, run_root: Path | None = None, metadata: dict[str, str] | None = None) -> Family:
     """The family of a run (its directory) or of a consolidated file (its metadata). The masked-LM
     family (transformers, tokenizers) is imported only for a masked-LM run."""

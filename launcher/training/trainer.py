@@ -121,7 +121,7 @@ class Trainer:
 
     def _resume(self) -> None:
         client, self.mems = checkpoints.load(self.engine, self.paths.checkpoints, self.device, self.config.ep_size,
-                                            self.config.seed)
+                                             self.config.seed)
         self.step = client["step"]
         self.train_stream.load_state_dict(client["data"])
         saved_schedule = TopKSchedule.from_state_dict(client["k_schedule"])
@@ -185,7 +185,7 @@ class Trainer:
         tokens_per_step = self.family.tokens_per_step
         window = Window()
         log.info(f"training {config.method} ({config.preset}) on {self.family.source}: steps {self.step}->{end}, "
-                     f"{self.world} rank(s), ep_size {config.ep_size}, {tokens_per_step:,} tokens/step")
+                 f"{self.world} rank(s), ep_size {config.ep_size}, {tokens_per_step:,} tokens/step")
         try:
             with _StopSignals(self):
                 while self.step < end:
@@ -202,7 +202,7 @@ class Trainer:
                     if stats["stop"]:
                         self.stopped_by_signal = signal.Signals(self._signal).name if self._signal else "a peer rank"
                         log.info(f"stopped by {self.stopped_by_signal} after step {self.step}: checkpoint {tag} "
-                                     "saved; continue with --resume (the slurm/ scripts requeue and resume)")
+                                 "saved; continue with --resume (the slurm/ scripts requeue and resume)")
                         return
             if self.step == config.max_steps:
                 self.final_sweep()
@@ -214,7 +214,7 @@ class Trainer:
                              k_schedule=self.schedule.state_dict(), config=self.config.to_dict(),
                              optimizer_kind=deepspeed_config.optimizer_kind(self.engine.config))
         return checkpoints.save(self.engine, self.paths.checkpoints, self.step, client, self.mems,
-                               self.config.keep_checkpoints)
+                                self.config.keep_checkpoints)
 
     def _log(self, window: Window, tokens_per_step: int, end: int) -> None:
         """Rank 0 prints and writes TensorBoard events: losses are already averaged over ranks, and
@@ -267,8 +267,8 @@ class Trainer:
         """The validation and test splits at every k in ``eval_ks``: bits per token, active parameters, FLOPs."""
         family, model = self.family, self.engine.module
         log.info(f"{family.unit} by k on {family.source} (valid and test splits)\n{format_header(family.unit)}")
-        rows = sweep(model, list(self.config.eval_ks), lambda: self._eval_loss("valid"), lambda: self._eval_loss("test"),
-                     lambda: family.flops_per_token(model, self.device))
+        rows = sweep(model, list(self.config.eval_ks), lambda: self._eval_loss("valid"),
+                     lambda: self._eval_loss("test"), lambda: family.flops_per_token(model, self.device))
         if self.rank == 0:
             report = {"source": family.source, "step": self.step, "method": self.config.method, "unit": family.unit,
                       "rows": rows_to_json(rows)}

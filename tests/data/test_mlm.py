@@ -9,6 +9,7 @@ import torch
 from smoe.data.mlm import (BlockStream, check_block_fits, check_tokenizer_fits, group_into_blocks, load_texts,
                            mlm_collator, train_tokenizer)
 
+
 @pytest.fixture(scope="module")
 def splits(books, tmp_path_factory):
     return load_texts([str(books)], cache_dir=str(tmp_path_factory.mktemp("cache")), heldout_fraction=0.05)[0]

@@ -15,6 +15,7 @@ import pytest
 
 from runs import DETERMINISTIC, scalars, smoe, train
 
+
 def same_continuation(resumed, reference) -> None:
     for step in (7, 8):
         assert scalars(resumed, "train/loss")[step] == pytest.approx(scalars(reference, "train/loss")[step], abs=1e-5)
