@@ -1,4 +1,4 @@
-"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality`, `smoe ckpt consolidate`, `smoe convert`, `smoe slim`,
+"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality|train`, `smoe ckpt consolidate`, `smoe convert`, `smoe slim`,
 `smoe finetune`, `smoe distill`, `smoe report`."""
 
 from __future__ import annotations
@@ -142,6 +142,13 @@ def _add_bench(commands) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_quality.add_arguments(quality)
     _set_run(quality, _run_bench_quality)
+    from smoe.launcher.bench import train as bench_train
+
+    train = benches.add_parser("train", help="end-to-end training s/step and peak memory, smoe-dropout at each k "
+                                             "against dense", description=bench_train.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_train.add_arguments(train)
+    _set_run(train, _run_bench_train)
 
 
 def _run_bench_layer(args) -> None:
@@ -173,6 +180,28 @@ def _run_bench_quality(args) -> None:
     else:
         text_files(args.data_files, overrides.get("text_encoding", "utf-8"))
     bench_quality.run(args)
+
+
+def _run_bench_train(args) -> None:
+    """The config, the ks and the data checked here, before the first run starts."""
+    from smoe.data.enwik8 import check_byte_file
+    from smoe.data.mlm import text_files
+    from smoe.launcher.bench import train as bench_train
+    from smoe.launcher.config import build_config, parse_override
+
+    config = build_config(args.preset, dict(parse_override(text) for text in args.overrides))
+    if config.masked_lm != bool(args.data_files):
+        raise ValueError(f"preset {args.preset} trains {config.model}: pass "
+                         + ("--data-files (text)" if config.masked_lm else "--data-file (a byte file)"))
+    for k in parse_ks(args.ks, "--ks") if args.ks else []:
+        build_config(args.preset, {**dict(parse_override(text) for text in args.overrides), "k_min": k, "k_max": k})
+    if args.warmup < 0 or args.steps < 1:
+        raise ValueError(f"--warmup ({args.warmup}) must not be negative and --steps ({args.steps}) at least 1")
+    if args.data_file:
+        check_byte_file(args.data_file)
+    else:
+        text_files(args.data_files, config.text_encoding)
+    bench_train.run(args)
 
 
 def _add_ckpt(commands) -> None:

@@ -1,23 +1,28 @@
 """Moving routed tokens to their experts and back: y = sum_k w_TK * E_{ids_TK}(x_T).
 
-Four ways to compute the same thing:
+Five ways to compute the same thing:
 
 * :func:`reference_combine`: a loop over experts with boolean masks. Slow and obvious;
   kept so that tests can hold the fast paths to it.
 * :func:`sorted_combine`: sort the T*K (token, expert) assignments by expert and run
   every expert once on its contiguous rows. Work is exactly T*K rows, so the cost
   scales with k, with no capacity padding and no dropped token.
+* :func:`grouped_combine`: the sorted path with all experts as one grouped GEMM per
+  projection (``torch.nn.functional.grouped_mm``): no per-expert loop and no host sync.
 * :func:`masked_dense_combine`: near k = N nearly every expert sees every token, so
   run every expert on every token and multiply its hidden units by its gate weight
   (zero where it is not selected): no gather, no scatter, no (T*K, D) copies, and the
   memory of the dense MLP. Costs what the dense MLP costs.
-* :func:`expert_parallel_combine`: the sorted path across ranks. Assignments are
-  padded to one capacity C (the largest per-expert load on any rank, so dropless and
-  the same on every rank), exchanged with DeepSpeed's all-to-all, and each local
-  expert runs on its real rows only, never on the padding.
+* :func:`expert_parallel_combine`: across ranks, deduplicated. A token goes once to each
+  rank that holds any of its k experts (with its gate weights for them), that rank runs
+  its experts on it and returns one row, their weighted sum: min(k, R) rows per token
+  each way instead of k. Blocks are padded to one capacity C (the most tokens any rank
+  sends any rank, agreed by an all-gather, so dropless and never hanging), exchanged with
+  DeepSpeed's all-to-all, and experts run on the real rows only, never on the padding.
 
 Shapes: T tokens, D model width, K top-k, N experts, L local experts, R expert-parallel
-ranks, A = T*K assignments, C capacity, H hidden units of one expert.
+ranks, A = T*K assignments, C capacity, H hidden units of one expert, P (token, rank) pairs,
+M rows received.
 """
 
 from __future__ import annotations
@@ -76,43 +81,88 @@ def sorted_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
     return assignments.combine(y_AD, x_TD.shape[0])
 
 
+def groupable(experts, dtype: torch.dtype) -> bool:
+    """Whether grouped_mm takes these experts' shapes: every row a multiple of 16 bytes."""
+    width = dtype.itemsize if dtype.is_floating_point else 4
+    return all(n * width % 16 == 0 for n in experts[0].fc1.weight.shape)
+
+
+def run_experts_grouped(experts, x_AD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """:func:`run_experts` as one grouped GEMM per projection over the stacked experts' weights:
+    no loop over experts and no read-back of the split sizes. The experts stay DeepSpeed's modules
+    (one checkpoint file each); their weights are stacked for the call."""
+    first = experts[0]
+    ends = counts.cumsum(0).to(torch.int32)
+    expert_A = torch.repeat_interleave(torch.arange(len(experts), device=x_AD.device), counts,
+                                       output_size=x_AD.shape[0])
+    w1_NHD, b1_NH, w2_NDH, b2_ND = (torch.stack(tensors) for tensors in zip(
+        *((e.fc1.weight, e.fc1.bias, e.fc2.weight, e.fc2.bias) for e in experts)))
+    h_AH = F.grouped_mm(x_AD, w1_NHD.transpose(-2, -1), offs=ends) + b1_NH[expert_A]
+    h_AH = first.dropout(first.act(h_AH))
+    return F.grouped_mm(h_AH, w2_NDH.transpose(-2, -1), offs=ends) + b2_ND[expert_A]
+
+
+def grouped_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
+    """:func:`sorted_combine` with the experts as grouped GEMMs."""
+    assignments = Assignments.sort(routes)
+    y_AD = run_experts_grouped(experts, x_TD[assignments.token_A], assignments.counts_N)
+    return assignments.combine(y_AD, x_TD.shape[0])
+
+
 def expert_parallel_combine(local_experts, x_TD: torch.Tensor, routes: Routes, num_experts: int, ep_group,
                             ep_rank: int) -> torch.Tensor:
+    """Each token travels once to each rank holding at least one of its k experts, with its gate
+    weights for that rank's experts; the rank runs them and sends back one row, their weighted
+    sum. Per token and direction: at most min(k, R) rows, not k."""
     num_tokens, d_model = x_TD.shape
     ranks = dist.get_world_size(group=ep_group)
     local = num_experts // ranks
-    assignments = Assignments.sort(routes)
-    counts_N = assignments.counts_N
+    device = x_TD.device
+    weight_TN = torch.zeros(num_tokens, num_experts, device=device, dtype=routes.weights_TK.dtype)
+    weight_TN = weight_TN.scatter(1, routes.expert_ids_TK, routes.weights_TK)
+    chosen_TN = torch.zeros(num_tokens, num_experts, device=device, dtype=torch.bool)
+    chosen_TN[torch.arange(num_tokens, device=device)[:, None], routes.expert_ids_TK] = True
+    to_RT = chosen_TN.view(num_tokens, ranks, local).any(-1).T  # which ranks each token goes to
 
-    gathered = [torch.empty_like(counts_N) for _ in range(ranks)]
-    dist.all_gather(gathered, counts_N, group=ep_group)
-    counts_RN = torch.stack(gathered)
-    counts_RL = counts_RN.view(ranks, ranks, local)[:, ep_rank]  # what each rank sends our experts
-    # The one read-back of this path: the capacity and the rows of each block we receive.
-    capacity, *rows_B = torch.cat([counts_RN.max().reshape(1), counts_RL.reshape(-1)]).tolist()
+    # One all-gather of what every rank sends: tokens per destination rank and assignments per expert.
+    # Its one read-back: the capacity (the most tokens any rank sends any rank, so that every block
+    # has one size and dropless all-to-all never hangs), and what arrives here.
+    sent_R = to_RT.sum(1)
+    gathered = [torch.empty(ranks + num_experts, dtype=torch.long, device=device) for _ in range(ranks)]
+    dist.all_gather(gathered, torch.cat([sent_R, routes.counts_N]), group=ep_group)
+    sent_RR, counts_RN = torch.stack(gathered).split([ranks, num_experts], dim=1)
+    known = torch.cat([sent_RR.max().reshape(1), sent_R.sum().reshape(1), sent_RR[:, ep_rank],
+                       counts_RN[:, ep_rank * local:(ep_rank + 1) * local].sum(0)]).tolist()
+    capacity, pairs = known[:2]
+    rows_B, assigned_L = known[2:2 + ranks], known[2 + ranks:]  # rows from each rank; assignments per local expert
 
-    # Slot s of the (N, C) send buffer holds token token_S[s]; padding slots read a zero row (index T).
-    expert_A = torch.repeat_interleave(torch.arange(num_experts, device=x_TD.device), counts_N,
-                                       output_size=assignments.token_A.numel())
-    first_N = counts_N.cumsum(0) - counts_N
-    slot_A = expert_A * capacity + torch.arange(expert_A.numel(), device=x_TD.device) - first_N[expert_A]
-    token_S = torch.full((num_experts * capacity,), num_tokens, device=x_TD.device).index_copy(
-        0, slot_A, assignments.token_A)
-    send = torch.cat([x_TD, x_TD.new_zeros(1, d_model)])[token_S]
+    # Pair p (token, destination rank), in destination order, fills slot p of the (R, C) send buffer,
+    # with the token's row, its weights for the destination's experts and which of them it chose.
+    flat_P = torch.argsort(~to_RT.reshape(-1), stable=True)[:pairs]
+    rank_P, token_P = flat_P // num_tokens, flat_P % num_tokens
+    first_R = sent_R.cumsum(0) - sent_R
+    slot_P = rank_P * capacity + torch.arange(pairs, device=device) - first_R[rank_P]
+    weight_PL = weight_TN.view(num_tokens, ranks, local)[token_P, rank_P]
+    chosen_PL = chosen_TN.view(num_tokens, ranks, local)[token_P, rank_P]
+    rows_P = torch.cat([x_TD[token_P], weight_PL.to(x_TD.dtype), chosen_PL.to(x_TD.dtype)], dim=1)
+    send = rows_P.new_zeros(ranks * capacity, d_model + 2 * local).index_copy(0, slot_P, rows_P)
     received = _AllToAll.apply(ep_group, send)
 
-    # Each local expert runs on the real rows of each rank's block, never on the padding. One
-    # split (not a slice per block, whose backward would each build a full-size gradient).
-    pieces = received.split([n for rows in rows_B for n in (rows, capacity - rows)])
-    blocks = []
-    for b, rows in enumerate(rows_B):
-        expert = local_experts[b % local]
-        blocks += [expert(pieces[2 * b]), received.new_zeros(capacity - rows, d_model)]
-    returned = _AllToAll.apply(ep_group, torch.cat(blocks))
-
-    weight_S = torch.zeros(num_experts * capacity, device=x_TD.device).index_copy(0, slot_A, assignments.weight_A)
-    y_SD = returned * weight_S.to(returned.dtype)[:, None]
-    return y_SD.new_zeros(num_tokens + 1, d_model).index_add(0, token_S, y_SD)[:num_tokens]
+    # The real rows of each source's block (never the padding), then this rank's experts on the
+    # (row, expert) pairs sorted by expert, weighted and summed per row.
+    block_M = torch.repeat_interleave(torch.arange(ranks, device=device), torch.tensor(rows_B, device=device),
+                                      output_size=sum(rows_B))
+    first_B = torch.tensor([0, *rows_B[:-1]], device=device).cumsum(0)
+    row_M = block_M * capacity + torch.arange(block_M.numel(), device=device) - first_B[block_M]
+    x_MD, weight_ML, chosen_ML = received[row_M].split([d_model, local, local], dim=1)
+    flat_A = torch.argsort(~(chosen_ML.T > 0).reshape(-1), stable=True)[:sum(assigned_L)]
+    expert_A, row_A = flat_A // row_M.numel(), flat_A % row_M.numel()
+    chunks = x_MD[row_A].split(assigned_L)
+    y_AD = torch.cat([expert(chunk) for expert, chunk in zip(local_experts, chunks)])
+    y_AD = y_AD * weight_ML[row_A, expert_A][:, None]
+    y_MD = y_AD.new_zeros(row_M.numel(), d_model).index_add(0, row_A, y_AD)
+    returned = _AllToAll.apply(ep_group, y_MD.new_zeros(ranks * capacity, d_model).index_copy(0, row_M, y_MD))
+    return returned.new_zeros(num_tokens, d_model).index_add(0, token_P, returned[slot_P])
 
 
 def masked_dense_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
@@ -173,3 +223,8 @@ class GatedActivation(torch.autograd.Function):
         grad_gate_T1 = torch.einsum("th,th->t", grad_TH, _activation(h_TH, ctx.activation))[:, None]
         grad_TH.mul_(gate_T1)
         return _activation_grad_(grad_TH, h_TH, ctx.activation), grad_gate_T1, None, None, None
+
+
+# The single-rank paths by name (`MoEConfig.dispatch`); expert-parallel is chosen by ep_size.
+COMBINES = {"reference": reference_combine, "sorted": sorted_combine, "grouped": grouped_combine,
+            "masked-dense": masked_dense_combine}

@@ -28,11 +28,11 @@ from deepspeed.moe.sharded_moe import MOELayer
 from deepspeed.utils import groups
 from torch import nn
 
-from smoe.model.dispatch import expert_parallel_combine, masked_dense_combine, reference_combine, sorted_combine
+from smoe.model.dispatch import COMBINES, expert_parallel_combine, groupable
 from smoe.model.mlp import ACTIVATIONS, MLP
 from smoe.routing import ROUTERS, RouterOptions, build_router
 
-DISPATCHES = ("auto", "sorted", "masked-dense", "reference")
+DISPATCHES = ("auto", "sorted", "grouped", "masked-dense", "reference")
 # k / N from which "auto" runs all experts as one masked dense MLP (see `smoe bench layer`).
 MASKED_DENSE_FROM = 0.875
 
@@ -98,18 +98,21 @@ class ExpertDispatcher(MOELayer):
         self.dispatch = config.dispatch
         self.combine_scale = config.combine_scale
         self.ep_rank = ep_rank
+        self.auto_paths: dict[int, str] = {}  # k -> the path `auto` runs there, when measured
 
     def _set_ep_group(self, ep_group):
         # DeepSpeed's version also hands the group to its TopKGate; our routers need none.
         self.ep_group = ep_group
 
     def path(self) -> str:
-        """Which dispatch runs at the current k."""
+        """Which dispatch runs at the current k: ``auto`` takes the fastest measured at this k
+        (:func:`smoe.model.autotune.autotune_dispatch`), else masked-dense from k >= 0.875 N."""
         if self.ep_size > 1:
             return "expert-parallel"
         if self.dispatch != "auto":
             return self.dispatch
-        return "masked-dense" if self.gate.top_k >= MASKED_DENSE_FROM * self.num_experts else "sorted"
+        k = self.gate.top_k
+        return self.auto_paths.get(k) or ("masked-dense" if k >= MASKED_DENSE_FROM * self.num_experts else "sorted")
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         x_TD = x.reshape(-1, x.shape[-1])
@@ -125,12 +128,12 @@ class ExpertDispatcher(MOELayer):
                 raise RuntimeError(f"this layer has ep_size={self.ep_size} but no expert-parallel group: call "
                                    "set_deepspeed_parallelism() (deepspeed.initialize does) before the first forward")
             y_TD = expert_parallel_combine(experts, x_TD, routes, self.num_experts, self.ep_group, self.ep_rank)
-        elif path == "masked-dense":
-            y_TD = masked_dense_combine(experts, x_TD, routes)
-        elif path == "sorted":
-            y_TD = sorted_combine(experts, x_TD, routes)
         else:
-            y_TD = reference_combine(experts, x_TD, routes)
+            if path == "grouped" and not groupable(experts, x_TD.dtype):
+                raise ValueError(f"dispatch 'grouped' needs expert widths (d_model {x_TD.shape[1]}, "
+                                 f"d_ff / num_experts {experts[0].fc1.out_features}) of 16-byte multiples in "
+                                 f"{x_TD.dtype}: use dispatch=sorted or dispatch=auto")
+            y_TD = COMBINES[path](experts, x_TD, routes)
         return y_TD.reshape(x.shape)
 
 

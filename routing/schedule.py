@@ -77,6 +77,12 @@ class TopKSchedule:
             return min(max(k, self.k_min), self.k_max)
         return [k for first, k in self.milestones if first <= step][-1]
 
+    def values(self) -> list[int]:
+        """Every k the schedule takes, smallest first."""
+        if self.kind == "step":
+            return sorted({k for _, k in self.milestones})
+        return list(range(self.k_min, self.k_max + 1)) if self.kind == "linear" else [self.k_max]
+
     def state_dict(self) -> dict:
         return asdict(self)
 

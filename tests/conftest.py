@@ -7,6 +7,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
+from runs import SMALL_MLM, smoe, train
+
 pytest_plugins = ["slurm_cluster"]  # the `slurm` fixture: a real one-node Slurm on localhost
 
 
@@ -60,8 +62,6 @@ def sst2(tmp_path_factory):
 def layout_runs(corpus, tmp_path_factory):
     """The small deterministic model on two layouts: 2 expert-parallel ranks stopped at step 6
     (``ep2``), one process at step 6 (``ep1-at-6``) and continued to step 8 (``ep1``)."""
-    from runs import train
-
     root = tmp_path_factory.mktemp("layouts")
     train(root / "ep2", corpus, "ep_size=2", "--stop-at", "6", ranks=2)
     train(root / "ep1", corpus, "--stop-at", "6")
@@ -71,16 +71,13 @@ def layout_runs(corpus, tmp_path_factory):
 
 
 # The tiny BERT masked-LM run the downstream tests share (books, 4 steps).
-MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", "k_min=1", "k_max=4",
-       "vocab_size=300", "block_size=16", "max_positions=32", "batch_size=8", "eval_batch_size=4", "eval_ks=4",
-       "log_every=1", "eval_every=100", "save_every=100", "eval_segments=1", "max_steps=4"]
+MLM = [*SMALL_MLM, "batch_size=8", "eval_ks=4", "log_every=1", "eval_every=100", "save_every=100", "eval_segments=1",
+       "max_steps=4"]
 
 
 @pytest.fixture(scope="session")
 def bert_run(books, tmp_path_factory):
     """One BERT-tiny run on `books`, trained once per test run; tests only read it."""
-    from runs import smoe
-
     out = tmp_path_factory.mktemp("bert") / "run"
     smoe("train", "--preset", "bert-tiny", "--data-files", books, "--out", out, *MLM)
     return out
@@ -90,8 +87,6 @@ def bert_run(books, tmp_path_factory):
 def bert_slim(bert_run, books):
     """``bert_slim(B)``: `smoe slim` of :func:`bert_run` to B experts per layer (counted on books/a.txt),
     made once per budget per test run; tests only read it."""
-    from runs import smoe
-
     made = {}
 
     def slim(budget: int):

@@ -7,13 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from smoe.launcher.bench.events import scalars
 from smoe.launcher.runtime.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]  # the repository: the package's root
 
+# The small Transformer-XL of the end-to-end tests. One fixed dispatch: `auto` is timed when a run
+# starts, and two fresh runs that time differently differ in float rounding (a resume never does).
 SMALL = ["n_layer=2", "d_model=32", "n_head=2", "d_head=16", "d_ff=64", "num_experts=4", "tgt_len=16",
          "mem_len=16", "eval_tgt_len=16", "batch_size=4", "eval_batch_size=4", "k_min=1", "k_max=4", "k_fixed=2",
-         "eval_ks=1,2,4", "log_every=1", "eval_every=10", "eval_segments=2", "save_every=10", "warmup_steps=2"]
+         "eval_ks=1,2,4", "log_every=1", "eval_every=10", "eval_segments=2", "save_every=10", "warmup_steps=2",
+         "dispatch=sorted"]
+# The small BERT/RoBERTa of the masked-LM tests (its shape, data and evaluation batch; a test adds its batch).
+SMALL_MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", "k_min=1", "k_max=4", "k_fixed=2",
+             "vocab_size=300", "block_size=16", "max_positions=32", "eval_batch_size=4", "dispatch=sorted"]
 
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
@@ -31,18 +38,6 @@ def smoe(*args, check: bool = True) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "smoe.launcher.cli", *args], check=check)
 
 
-def scalars(run_dir, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for events in sorted((run_dir / "tb").rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return values
-
-
 # Dropout off: runs on different layouts must then agree to float rounding.
 DETERMINISTIC = [*SMALL, "max_steps=8", "dropout=0", "save_every=100", "eval_every=100"]
 
@@ -54,3 +49,6 @@ def train(out, corpus, *args, ranks: int = 1) -> subprocess.CompletedProcess:
         return smoe(*command)
     return run(["deepspeed", "--num_gpus", ranks, "--master_port", free_port(), "--module", "smoe.launcher.cli",
                 *command])
+
+
+__all__ = ["CPU_ENV", "DETERMINISTIC", "REPO", "SMALL", "SMALL_MLM", "run", "scalars", "smoe", "train"]

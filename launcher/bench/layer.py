@@ -46,7 +46,7 @@ class Setup:
     dropout: float = 0.1
     threads: int = 2
     seed: int = 0
-    dispatch: str = "auto"  # our dispatch path; auto picks by k
+    dispatch: str = "auto"  # our dispatch path; auto: the fastest timed at each k
     device: str = "cpu"
     dtype: str = "fp32"  # a key of DTYPES
 
@@ -86,6 +86,10 @@ def build_layer(setup: Setup, method: str, k: int, ep_size: int = 1, ep_rank: in
                            seed=setup.seed, dispatch=setup.dispatch)
         layer = SMoE(config, ep_rank=ep_rank, rank=rank)
     layer.to(setup.device, DTYPES[setup.dtype])
+    if method == "smoe":
+        from smoe.model.autotune import autotune_dispatch
+
+        autotune_dispatch(layer, setup.tokens, [k])  # dispatch=auto: the path timed fastest here
     return layer, (layer if method == "dense" else lambda x: layer(x)[0])
 
 

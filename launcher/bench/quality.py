@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from smoe.launcher.bench.events import scalars
 from smoe.launcher.runtime import log
 from smoe.launcher.runtime.files import write_atomic
 
@@ -136,15 +137,7 @@ def train_all(args, pending: list[tuple[Variant, int | None, Path]]) -> None:
 
 
 def mean_step_time(run_dir: Path) -> float:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    times = []
-    for events in sorted((run_dir / "tb").rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if "train/step_time_s" in accumulator.Tags()["scalars"]:
-            times += [e.value for e in accumulator.Scalars("train/step_time_s")]
-    return statistics.fmean(times)
+    return statistics.fmean(scalars(run_dir, "train/step_time_s").values())
 
 
 def spread(values: list[float]) -> dict:

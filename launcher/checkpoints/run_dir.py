@@ -40,6 +40,11 @@ class RunDir:
         return self.root / "eval.json"
 
     @property
+    def dispatch(self) -> Path:
+        """What ``dispatch=auto`` runs at each k, as timed when the run started (a resume reuses it)."""
+        return self.root / "dispatch.json"
+
+    @property
     def lock(self) -> Path:
         return self.root / ".lock"
 

@@ -13,6 +13,7 @@ from smoe.launcher.runtime import log
 from smoe.launcher.runtime.distributed import init_distributed
 from smoe.launcher.runtime.engine import build_engine, engine_config
 from smoe.launcher.runtime.files import write_atomic
+from smoe.model.autotune import set_auto_paths
 
 
 def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path=None, data_dir: str | None = None,
@@ -40,6 +41,8 @@ def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path
     engine.load_checkpoint(str(run.checkpoints), tag=tag, load_optimizer_states=False,
                            load_lr_scheduler_states=False, load_module_only=True)
     model, device, unit = engine.module, engine.device, family.unit
+    if run.dispatch.is_file():  # dispatch=auto as the run timed it
+        set_auto_paths(model, json.loads(run.dispatch.read_text()))
     log.info(f"{run.root} ({config.method}, {tag}) on {family.source}\n{format_header(unit)}")
     rows = sweep(model, ks, lambda: family.eval_loss(model, "valid", rank, world, device),
                  lambda: family.eval_loss(model, "test", rank, world, device),

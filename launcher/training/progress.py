@@ -8,6 +8,16 @@ import math
 import torch
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this rank has held: on a GPU the allocator's peak, on the CPU the process's
+    peak resident set (everything the process holds, libraries included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kB on Linux
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)

@@ -39,7 +39,8 @@ from smoe.launcher.runtime.engine import build_engine, engine_config
 from smoe.launcher.runtime.files import write_atomic
 from smoe.launcher.training.losses import OverflowGuard, loss_scale, micro_batch_losses
 from smoe.launcher.training.lr import lr_multiplier
-from smoe.launcher.training.progress import Window, format_duration
+from smoe.launcher.training.progress import Window, format_duration, peak_memory_mb
+from smoe.model.autotune import autotune_dispatch, set_auto_paths
 from smoe.model.feedforward import get_method
 from smoe.model.moe import moe_layers_of, set_top_k
 from smoe.model.parallel import init_expert_parallel, optimizer_param_groups
@@ -75,13 +76,14 @@ class Trainer:
         self.device = self.engine.device  # this rank's device: DeepSpeed placed the model there
         self.schedule = config.k_schedule()
         self.two_passes = get_method(config.method).consistency  # THOR's consistency term
-        self.has_experts = bool(moe_layers_of(self.engine.module))
+        self.moe_layers = moe_layers_of(self.engine.module)
         self.optimizer_wrapped = deepspeed_config.wraps_optimizer(self.engine.config)
         self.overflows = OverflowGuard(self.engine.config, config.overflow_patience)
         self._signal: int | None = None  # set by a stop signal (Slurm's warning before preemption)
         self.stopped_by_signal: str | None = None
         self.step = 0
         self.mems = None
+        self.dispatch_paths = self._dispatch_paths(resume)
         if resume:
             self._resume()
         if self.rank == 0:  # the config in effect (a resume may change ep_size and non-shape fields)
@@ -118,6 +120,31 @@ class Trainer:
         if any_rank(refused is not None):
             raise refused or RunDirLocked(f"{self.paths.root} is being written by another process: see rank 0's "
                                           "message")
+
+    def _dispatch_paths(self, resume: bool) -> dict[int, str]:
+        """What ``dispatch=auto`` runs at each k: a resumed run's own choices (none for a run started
+        without them: the fixed rule), so that it continues exactly; else timed by rank 0 at this
+        run's micro-batch size and shared with every rank."""
+        config, model = self.config, self.engine.module
+        if resume:
+            saved = self.paths.dispatch
+            choices = {int(k): path for k, path in json.loads(saved.read_text()).items()} if saved.is_file() else {}
+        else:
+            answer = [{}]
+            if self.rank == 0:
+                tokens = self.family.tokens_per_step // (self.world * config.grad_accum)
+                answer = [autotune_dispatch(model, tokens, self.schedule.values() + list(config.eval_ks))]
+            if self.world > 1:
+                dist.broadcast_object_list(answer, src=0)
+            choices = answer[0]
+            if self.rank == 0 and choices:
+                self.paths.root.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.paths.dispatch, json.dumps(choices, indent=2))
+        set_auto_paths(model, choices)
+        if choices:
+            how = "as timed when the run started" if resume else "fastest at each k on this device"
+            log.info(f"dispatch=auto, {how}: " + ", ".join(f"{k}: {path}" for k, path in sorted(choices.items())))
+        return choices
 
     def _resume(self) -> None:
         client, self.mems = checkpoints.load(self.engine, self.paths.checkpoints, self.device, self.config.ep_size,
@@ -235,8 +262,9 @@ class Trainer:
                   ("train/aux_loss", window.mean("aux"), self.step),
                   ("train/lr", self.engine.get_lr()[0], self.step),
                   ("train/tokens_per_s", tokens_per_s, self.step),
-                  ("train/step_time_s", step_time, self.step)]
-        if self.has_experts:
+                  ("train/step_time_s", step_time, self.step),
+                  ("train/peak_memory_mb", peak_memory_mb(self.device), self.step)]
+        if self.moe_layers:
             events.append(("moe/top_k", window.last["k"], self.step))
         if window.last["grad_norm"] is not None:
             events.append(("train/grad_norm", window.mean("grad_norm"), self.step))
@@ -252,7 +280,7 @@ class Trainer:
                        (f"moe/layer{layer}/dead_experts", int((layer_counts == 0).sum()), self.step)]
         self.engine.monitor.write_events(events)
         eta = format_duration((end - self.step) * step_time)
-        k = f"k {window.last['k']} | " if self.has_experts else ""
+        k = f"k {window.last['k']} ({self.moe_layers[0].deepspeed_moe.path()}) | " if self.moe_layers else ""
         log.info(f"step {self.step}/{end} | loss {ce:.4f} | {self.family.unit.lower()} {ce / LN2:.4f} | {k}"
                  f"{tokens_per_s:,.0f} tok/s | {step_time:.3f} s/step | ETA {eta}")
 
@@ -260,7 +288,7 @@ class Trainer:
         loss = self._eval_loss("valid", self.config.eval_segments)
         if self.rank == 0:
             self.engine.monitor.write_events([("val/loss", loss, self.step), ("val/bpc", loss / LN2, self.step)])
-            k = f" (k={self.schedule(self.step)})" if self.has_experts else ""
+            k = f" (k={self.schedule(self.step)})" if self.moe_layers else ""
             log.info(f"step {self.step} | valid {self.family.unit} {loss / LN2:.4f}{k}")
 
     def final_sweep(self) -> list:

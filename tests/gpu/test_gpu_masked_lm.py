@@ -12,9 +12,9 @@ import torch
 
 from smoe.launcher.config import build_config, parse_override
 
-# tests/launcher/families/test_masked_lm.py's small BERT.
-MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", "k_min=1", "k_max=4", "k_fixed=2",
-       "vocab_size=300", "block_size=16", "max_positions=32", "batch_size=8", "eval_batch_size=4", "eval_ks=1,2,4"]
+from runs import SMALL_MLM
+
+MLM = [*SMALL_MLM, "batch_size=8", "eval_ks=1,2,4"]
 
 
 def test_masked_lm_evaluation_leaves_the_cuda_rng_alone(books, tmp_path):

@@ -16,12 +16,10 @@ import torch
 
 from smoe.launcher.runtime.distributed import free_port
 
-from runs import DETERMINISTIC, SMALL, scalars
+from runs import DETERMINISTIC, SMALL, SMALL_MLM, scalars
 
-# tests/launcher/families/test_masked_lm.py's small BERT, without its batch and step count.
-MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", "k_min=1", "k_max=4", "k_fixed=2",
-       "vocab_size=300", "block_size=16", "max_positions=32", "eval_batch_size=4", "eval_ks=1,2,4",
-       "log_every=1", "eval_every=100", "save_every=100", "eval_segments=2", "warmup_steps=2"]
+MLM = [*SMALL_MLM, "eval_ks=1,2,4", "log_every=1", "eval_every=100", "save_every=100", "eval_segments=2",
+       "warmup_steps=2"]
 
 METHODS = ["dense", "dense-concrete", "dense-dropblock", "smoe-dropout", "smoe-learned", "smoe-learned-increasing-k",
            "thor", "hash", "random"]

@@ -198,6 +198,12 @@ CASES = {
                                           "--seeds", "0,one"], 2, ["--seeds 0,one: expected comma-separated integers"]),
     "bench-quality-jobs-0": (["bench", "quality", "--data-file", "{corpus}", "--out", "{out}", "--jobs", "0"], 2,
                              ["--jobs 0 must be at least 1"]),
+    "bench-train-wrong-data": (["bench", "train", "--preset", "bert-tiny", "--data-file", "{corpus}", "--out", "{out}"],
+                               2, ["preset bert-tiny trains bert: pass --data-files (text)"]),
+    "bench-train-k-over-experts": (["bench", "train", "--data-file", "{corpus}", "--out", "{out}", "--ks", "8,32"], 2,
+                                   ["k_max (32) is larger than the number of experts (16)"]),
+    "bench-train-no-steps": (["bench", "train", "--data-file", "{corpus}", "--out", "{out}", "--steps", "0"], 2,
+                             ["--steps (0) at least 1"]),
     # the command itself
     "unknown-subcommand": (["frobnicate"], 2, ["invalid choice: 'frobnicate'"]),
     "no-subcommand": ([], 2, ["the following arguments are required: COMMAND"]),

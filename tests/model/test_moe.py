@@ -59,7 +59,7 @@ def test_fast_paths_equal_the_reference_loop(router, k, combine_scale):
     layer = SMoE(replace(CFG, router=router, k=k, combine_scale=combine_scale))
     x, ids = batch(k)
     y_ref, gx_ref, g_ref = _run(layer, "reference", x, ids)
-    for dispatch in ("sorted", "masked-dense"):
+    for dispatch in ("sorted", "grouped", "masked-dense"):
         y, gx, g = _run(layer, dispatch, x, ids)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
@@ -68,7 +68,7 @@ def test_fast_paths_equal_the_reference_loop(router, k, combine_scale):
             torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=f"{dispatch}: {name}")
 
 
-@pytest.mark.parametrize("dispatch", ["reference", "sorted", "masked-dense"])
+@pytest.mark.parametrize("dispatch", ["reference", "sorted", "grouped", "masked-dense"])
 @pytest.mark.parametrize("router", ROUTERS)
 def test_combine_scale_multiplies_the_output_and_the_expert_gradients(router, dispatch):
     x, ids = batch(3)

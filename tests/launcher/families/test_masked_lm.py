@@ -9,11 +9,10 @@ import pytest
 
 from smoe.launcher.runtime.distributed import free_port
 
-from runs import run, scalars, smoe
+from runs import SMALL_MLM, run, scalars, smoe
 
-MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", "k_min=1", "k_max=4", "k_fixed=2",
-       "vocab_size=300", "block_size=16", "max_positions=32", "batch_size=8", "eval_batch_size=4", "eval_ks=1,2,4",
-       "log_every=1", "eval_every=10", "save_every=10", "eval_segments=2", "warmup_steps=2", "max_steps=20"]
+MLM = [*SMALL_MLM, "batch_size=8", "eval_ks=1,2,4", "log_every=1", "eval_every=10", "save_every=10", "eval_segments=2",
+       "warmup_steps=2", "max_steps=20"]
 
 
 def train(family: str, books, out, *overrides, options=(), check=True):

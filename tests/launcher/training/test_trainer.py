@@ -192,3 +192,22 @@ def test_thor_averages_two_passes_and_adds_their_symmetric_kl():
     scored = torch.tensor([True, False, True, False, False])
     masked = micro_batch_losses(first._replace(scored=scored), second._replace(scored=scored), 2.0)
     assert float(masked["consistency"]) == pytest.approx(float(symmetric_kl(logits_a[scored], logits_b[scored])))
+
+
+def test_auto_dispatch_is_timed_once_saved_and_reused_by_resume_and_eval(corpus, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data-file", corpus, *SMALL, "dispatch=auto", "max_steps=4", "eval_ks=1,4"]
+    first = smoe("train", "--out", out, *common, "--stop-at", "2")
+    choices = json.loads((out / "dispatch.json").read_text())
+    assert sorted(choices) == ["1", "2", "3", "4"]  # the schedule's ks and eval_ks
+    assert "dispatch=auto, fastest at each k on this device" in first.stdout
+    assert f"k 1 ({choices['1']})" in first.stdout
+    # A resume and `smoe eval` run what the run chose, never a new timing.
+    (out / "dispatch.json").write_text(json.dumps({k: "reference" for k in choices}))
+    resumed = smoe("train", "--out", out, *common, "--resume")
+    assert "dispatch=auto, as timed when the run started: 1: reference" in resumed.stdout
+    assert "k 3 (reference)" in resumed.stdout
+    assert json.loads((out / "dispatch.json").read_text()) == {k: "reference" for k in choices}
+    evaluated = smoe("eval", out, "--k", "4", "--json", tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text())["rows"] == json.loads((out / "eval.json").read_text())["rows"][1:]
+    assert "valid" in evaluated.stdout
