@@ -18,7 +18,8 @@ Five ways to compute the same thing:
   its experts on it and returns one row, their weighted sum: min(k, R) rows per token
   each way instead of k. Blocks are padded to one capacity C (the most tokens any rank
   sends any rank, agreed by an all-gather, so dropless and never hanging), exchanged with
-  DeepSpeed's all-to-all, and experts run on the real rows only, never on the padding.
+  DeepSpeed's all-to-all, and experts run on the real rows only, never on the padding
+  (masked-dense on them where nearly every row chose every local expert).
 
 Shapes: T tokens, D model width, K top-k, N experts, L local experts, R expert-parallel
 ranks, A = T*K assignments, C capacity, H hidden units of one expert, P (token, rank) pairs,
@@ -36,6 +37,10 @@ import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import _AllToAll
 
 from smoe.routing import Routes
+
+# From which share of (token, expert) pairs chosen running every expert on every token (the
+# masked-dense path) is faster than gathering the chosen pairs: without a timing, `auto`'s rule.
+MASKED_DENSE_FROM = 0.875
 
 
 def reference_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
@@ -67,18 +72,16 @@ class Assignments:
         return y_AD.new_zeros(num_tokens, y_AD.shape[1]).index_add(0, self.token_A, y_AD)
 
 
-def run_experts(experts, x_AD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Expert i runs on the i-th run of ``counts[i]`` rows (rows sorted by expert).
-
-    The split sizes are read back to the host: the one sync of the sorted path."""
-    chunks = x_AD.split(counts.tolist())
-    return torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)])
-
-
 def sorted_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
+    """Each expert on its rows of x, weighted inside (:class:`GatedExpert`) and added into its
+    tokens: no (T*K x d) copy of the input or of the outputs is kept for backward. The split
+    sizes are read back to the host: the one sync of the sorted path."""
     assignments = Assignments.sort(routes)
-    y_AD = run_experts(experts, x_TD[assignments.token_A], assignments.counts_N)
-    return assignments.combine(y_AD, x_TD.shape[0])
+    y_TD = torch.zeros_like(x_TD)
+    for expert, rows_R, weight_R in zip(experts, *(t.split(assignments.counts_N.tolist())
+                                                    for t in (assignments.token_A, assignments.weight_A))):
+        y_TD = y_TD.index_add(0, rows_R, gated_expert(expert, x_TD, rows_R, weight_R[:, None]))
+    return y_TD
 
 
 def groupable(experts, dtype: torch.dtype) -> bool:
@@ -88,8 +91,9 @@ def groupable(experts, dtype: torch.dtype) -> bool:
 
 
 def run_experts_grouped(experts, x_AD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """:func:`run_experts` as one grouped GEMM per projection over the stacked experts' weights:
-    no loop over experts and no read-back of the split sizes. The experts stay DeepSpeed's modules
+    """Expert i on the i-th run of ``counts[i]`` rows (rows sorted by expert), all as one grouped
+    GEMM per projection over the stacked experts' weights: no loop over experts and no read-back
+    of the split sizes. The experts stay DeepSpeed's modules
     (one checkpoint file each); their weights are stacked for the call."""
     first = experts[0]
     ends = counts.cumsum(0).to(torch.int32)
@@ -155,28 +159,30 @@ def expert_parallel_combine(local_experts, x_TD: torch.Tensor, routes: Routes, n
     first_B = torch.tensor([0, *rows_B[:-1]], device=device).cumsum(0)
     row_M = block_M * capacity + torch.arange(block_M.numel(), device=device) - first_B[block_M]
     x_MD, weight_ML, chosen_ML = received[row_M].split([d_model, local, local], dim=1)
-    flat_A = torch.argsort(~(chosen_ML.T > 0).reshape(-1), stable=True)[:sum(assigned_L)]
-    expert_A, row_A = flat_A // row_M.numel(), flat_A % row_M.numel()
-    chunks = x_MD[row_A].split(assigned_L)
-    y_AD = torch.cat([expert(chunk) for expert, chunk in zip(local_experts, chunks)])
-    y_AD = y_AD * weight_ML[row_A, expert_A][:, None]
-    y_MD = y_AD.new_zeros(row_M.numel(), d_model).index_add(0, row_A, y_AD)
+    if sum(assigned_L) >= MASKED_DENSE_FROM * row_M.numel() * local:  # nearly every row visits every expert here
+        y_MD = gated_dense(local_experts, x_MD, weight_ML)
+    else:
+        flat_A = torch.argsort(~(chosen_ML.T > 0).reshape(-1), stable=True)[:sum(assigned_L)]
+        expert_A, row_A = flat_A // row_M.numel(), flat_A % row_M.numel()
+        y_MD = torch.zeros_like(x_MD)
+        for expert, rows_R, weight_R in zip(local_experts, row_A.split(assigned_L),
+                                            weight_ML[row_A, expert_A].split(assigned_L)):
+            y_MD = y_MD.index_add(0, rows_R, gated_expert(expert, x_MD, rows_R, weight_R[:, None]))
     returned = _AllToAll.apply(ep_group, y_MD.new_zeros(ranks * capacity, d_model).index_copy(0, row_M, y_MD))
     return returned.new_zeros(num_tokens, d_model).index_add(0, token_P, returned[slot_P])
 
 
 def masked_dense_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
     gate_TN = torch.zeros(x_TD.shape[0], len(experts), device=x_TD.device, dtype=torch.float32)
-    gate_TN = gate_TN.scatter(1, routes.expert_ids_TK, routes.weights_TK).to(x_TD.dtype)
+    return gated_dense(experts, x_TD, gate_TN.scatter(1, routes.expert_ids_TK, routes.weights_TK))
+
+
+def gated_dense(experts, x_TD: torch.Tensor, gate_TN: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, its hidden units times the token's gate weight for it (0
+    where not chosen): sum_e MLP_e(x) * gate_e, at the dense MLP's work and memory."""
     y_TD = torch.zeros_like(x_TD)
     for e, expert in enumerate(experts):
-        gate_T1 = gate_TN[:, e:e + 1]
-        h_TH = expert.fc1(x_TD)
-        keep_TH = None
-        if expert.dropout.training and expert.dropout.p > 0:
-            keep_TH = torch.rand_like(h_TH) >= expert.dropout.p
-        z_TH = GatedActivation.apply(h_TH, gate_T1, keep_TH, 1.0 / (1.0 - expert.dropout.p), expert.activation_name)
-        y_TD = y_TD + F.linear(z_TH, expert.fc2.weight) + gate_T1 * expert.fc2.bias
+        y_TD = y_TD + gated_expert(expert, x_TD, None, gate_TN[:, e:e + 1])
     return y_TD
 
 
@@ -202,27 +208,53 @@ def _activation_grad_(grad_TH, h_TH, name):
     return grad_TH.mul_(slope_TH)
 
 
-class GatedActivation(torch.autograd.Function):
-    """z = dropout(act(h)) * gate for one expert's hidden units h and its gate weights.
+class GatedExpert(torch.autograd.Function):
+    """One expert on rows of x with gated hidden units:
+    y = (dropout(act(x[rows] W1^T + b1)) * gate) W2^T + gate * b2, for every row when ``rows`` is None.
 
-    Keeps only h, the gate and the boolean dropout mask for backward, recomputes the
-    activation there and works in place, so the masked-dense path holds no more
-    hidden-size tensors than the dense MLP does.
+    Keeps for backward only the hidden units h, the gate, a boolean dropout mask and the row
+    indices: x is the layer's input, the same tensor for every expert, and the gathered rows
+    and the gated activation are recomputed in backward. So a path built on it holds no
+    (rows x d) copies and no more hidden-size tensors than the units its experts compute.
     """
 
     @staticmethod
-    def forward(ctx, h_TH, gate_T1, keep_TH, scale, activation):
+    def forward(ctx, x_TD, rows_R, w1_HD, b1_H, w2_DH, b2_D, gate_R1, keep_RH, scale, activation):
         ctx.scale, ctx.activation = scale, activation
-        ctx.save_for_backward(h_TH, gate_T1, keep_TH)
-        return _gate_hidden_(_activation(h_TH, activation), gate_T1, keep_TH, scale)
+        h_RH = F.linear(x_TD if rows_R is None else x_TD[rows_R], w1_HD, b1_H)
+        ctx.save_for_backward(x_TD, rows_R, w1_HD, w2_DH, b2_D, h_RH, gate_R1, keep_RH)
+        z_RH = _gate_hidden_(_activation(h_RH, activation), gate_R1, keep_RH, scale)
+        return F.linear(z_RH, w2_DH) + gate_R1 * b2_D
 
     @staticmethod
-    def backward(ctx, grad_z_TH):
-        h_TH, gate_T1, keep_TH = ctx.saved_tensors
-        grad_TH = grad_z_TH * keep_TH * ctx.scale if keep_TH is not None else grad_z_TH.clone()
-        grad_gate_T1 = torch.einsum("th,th->t", grad_TH, _activation(h_TH, ctx.activation))[:, None]
-        grad_TH.mul_(gate_T1)
-        return _activation_grad_(grad_TH, h_TH, ctx.activation), grad_gate_T1, None, None, None
+    def backward(ctx, grad_y_RD):
+        x_TD, rows_R, w1_HD, w2_DH, b2_D, h_RH, gate_R1, keep_RH = ctx.saved_tensors
+        a_RH = _activation(h_RH, ctx.activation)  # dropout(act(h)), ungated
+        if keep_RH is not None:
+            a_RH.mul_(keep_RH).mul_(ctx.scale)
+        grad_w2_DH = grad_y_RD.T @ (a_RH * gate_R1)
+        grad_b2_D = (grad_y_RD * gate_R1).sum(0)
+        grad_z_RH = grad_y_RD @ w2_DH
+        grad_gate_R1 = (torch.einsum("rh,rh->r", grad_z_RH, a_RH) + grad_y_RD @ b2_D)[:, None]
+        del a_RH
+        if keep_RH is not None:
+            grad_z_RH.mul_(keep_RH).mul_(ctx.scale)
+        grad_h_RH = _activation_grad_(grad_z_RH.mul_(gate_R1), h_RH, ctx.activation)
+        x_RD = x_TD if rows_R is None else x_TD[rows_R]
+        grad_x_RD = grad_h_RH @ w1_HD
+        grad_x_TD = grad_x_RD if rows_R is None else torch.zeros_like(x_TD).index_add_(0, rows_R, grad_x_RD)
+        return (grad_x_TD, None, grad_h_RH.T @ x_RD, grad_h_RH.sum(0), grad_w2_DH, grad_b2_D, grad_gate_R1,
+                None, None, None)
+
+
+def gated_expert(expert, x_TD: torch.Tensor, rows_R: torch.Tensor | None, gate_R1: torch.Tensor) -> torch.Tensor:
+    """:class:`GatedExpert` of one of our MLPs, with its dropout drawn here (train mode)."""
+    keep_RH = None
+    if expert.dropout.training and expert.dropout.p > 0:
+        num_rows = x_TD.shape[0] if rows_R is None else rows_R.shape[0]
+        keep_RH = torch.rand(num_rows, expert.fc1.out_features, device=x_TD.device, dtype=x_TD.dtype) >= expert.dropout.p
+    return GatedExpert.apply(x_TD, rows_R, expert.fc1.weight, expert.fc1.bias, expert.fc2.weight, expert.fc2.bias,
+                             gate_R1.to(x_TD.dtype), keep_RH, 1.0 / (1.0 - expert.dropout.p), expert.activation_name)
 
 
 # The single-rank paths by name (`MoEConfig.dispatch`); expert-parallel is chosen by ep_size.

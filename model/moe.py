@@ -28,13 +28,11 @@ from deepspeed.moe.sharded_moe import MOELayer
 from deepspeed.utils import groups
 from torch import nn
 
-from smoe.model.dispatch import COMBINES, expert_parallel_combine, groupable
+from smoe.model.dispatch import COMBINES, MASKED_DENSE_FROM, expert_parallel_combine, groupable
 from smoe.model.mlp import ACTIVATIONS, MLP
 from smoe.routing import ROUTERS, RouterOptions, build_router
 
 DISPATCHES = ("auto", "sorted", "grouped", "masked-dense", "reference")
-# k / N from which "auto" runs all experts as one masked dense MLP (see `smoe bench layer`).
-MASKED_DENSE_FROM = 0.875
 
 
 @dataclass

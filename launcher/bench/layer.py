@@ -22,12 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from smoe.launcher.runtime import log
 from smoe.launcher.runtime.files import write_atomic
+from smoe.model.moe import DISPATCHES
 
 SIZES = {  # name: (d_model, d_ff); tiny is for smoke tests
     "transformer-xl": (256, 8192),
@@ -193,8 +194,9 @@ def bench_size(setup: Setup, ks, repeats: int, memory: bool) -> list[Record]:
         for method in ("deepspeed", "smoe"):
             layer, forward = build_layer(setup, method, k)
             times = time_ms(layer, forward, x, grad, repeats)
-            peak = memory_mb(setup, method, k) if memory else None
             path = layer.deepspeed_moe.path() if method == "smoe" else None
+            # The probe runs the path timed here (timing it again there would warm the process up first).
+            peak = memory_mb(replace(setup, dispatch=path) if path else setup, method, k) if memory else None
             records.append(_record(setup, method, k, times, dense_median, peak, path))
         log.info(format_rows(records[-3:]))
     return records
@@ -289,8 +291,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dropout", type=float, default=0.1, help="expert/dense dropout, train mode (default 0.1)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward+backward passes per configuration")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--dispatch", default="auto", choices=("auto", "sorted", "masked-dense", "reference"),
-                        help="force one of our dispatch paths (default: auto, chosen by k)")
+    parser.add_argument("--dispatch", default="auto", choices=DISPATCHES,
+                        help="force one of our dispatch paths (default: auto, the fastest timed at each k)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the layers run (default: cuda when torch sees a GPU, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
