@@ -22,9 +22,9 @@ from smoe.model.moe import SMoE, moe_layers_of
 from smoe.routing import Routes, assignment_counts
 
 
-def candidates(layer: SMoE, dtype: torch.dtype) -> list[str]:
+def candidates(layer: SMoE, dtype: torch.dtype, device: torch.device | str = "cpu") -> list[str]:
     return [path for path in ("sorted", "grouped", "masked-dense")
-            if path != "grouped" or groupable(layer.local_experts, dtype)]
+            if path != "grouped" or groupable(layer.local_experts, dtype, device)]
 
 
 def _uniform_routes(num_tokens: int, num_experts: int, k: int, device, generator: torch.Generator) -> Routes:
@@ -70,7 +70,7 @@ def fastest_paths(layer: SMoE, num_tokens: int, ks, repeats: int = 1, seed: int 
         generator = torch.Generator().manual_seed(seed)
         x_TD = torch.randn(num_tokens, layer.config.d_model, generator=generator).to(param.device, param.dtype)
         x_TD.requires_grad_()
-        paths = candidates(layer, param.dtype)
+        paths = candidates(layer, param.dtype, param.device)
         devices = [param.device] if param.is_cuda else []
         with torch.random.fork_rng(devices=devices):
             for index, k in enumerate(todo):

@@ -73,21 +73,21 @@ class Assignments:
 
 
 def sorted_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
-    """Each expert on its rows of x, weighted inside (:class:`GatedExpert`) and added into its
-    tokens: no (T*K x d) copy of the input or of the outputs is kept for backward. The split
-    sizes are read back to the host: the one sync of the sorted path."""
+    """Each expert on exactly its rows (:class:`RoutedExperts`). The split sizes are read back
+    to the host: the one sync of the sorted path."""
     assignments = Assignments.sort(routes)
-    y_TD = torch.zeros_like(x_TD)
-    for expert, rows_R, weight_R in zip(experts, *(t.split(assignments.counts_N.tolist())
-                                                    for t in (assignments.token_A, assignments.weight_A))):
-        y_TD = y_TD.index_add(0, rows_R, gated_expert(expert, x_TD, rows_R, weight_R[:, None]))
-    return y_TD
+    return routed_experts(experts, x_TD, assignments.token_A, assignments.weight_A, assignments.counts_N.tolist())
 
 
-def groupable(experts, dtype: torch.dtype) -> bool:
-    """Whether grouped_mm takes these experts' shapes: every row a multiple of 16 bytes."""
-    width = dtype.itemsize if dtype.is_floating_point else 4
-    return all(n * width % 16 == 0 for n in experts[0].fc1.weight.shape)
+def groupable(experts, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether grouped_mm takes these experts: on the CPU fp32 or bf16, on CUDA bf16 from sm80;
+    every row a multiple of 16 bytes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        supported = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    else:
+        supported = dtype in (torch.float32, torch.bfloat16)
+    return supported and all(n * dtype.itemsize % 16 == 0 for n in experts[0].fc1.weight.shape)
 
 
 def run_experts_grouped(experts, x_AD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -164,10 +164,7 @@ def expert_parallel_combine(local_experts, x_TD: torch.Tensor, routes: Routes, n
     else:
         flat_A = torch.argsort(~(chosen_ML.T > 0).reshape(-1), stable=True)[:sum(assigned_L)]
         expert_A, row_A = flat_A // row_M.numel(), flat_A % row_M.numel()
-        y_MD = torch.zeros_like(x_MD)
-        for expert, rows_R, weight_R in zip(local_experts, row_A.split(assigned_L),
-                                            weight_ML[row_A, expert_A].split(assigned_L)):
-            y_MD = y_MD.index_add(0, rows_R, gated_expert(expert, x_MD, rows_R, weight_R[:, None]))
+        y_MD = routed_experts(local_experts, x_MD, row_A, weight_ML[row_A, expert_A], assigned_L)
     returned = _AllToAll.apply(ep_group, y_MD.new_zeros(ranks * capacity, d_model).index_copy(0, row_M, y_MD))
     return returned.new_zeros(num_tokens, d_model).index_add(0, token_P, returned[slot_P])
 
@@ -180,9 +177,12 @@ def masked_dense_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.T
 def gated_dense(experts, x_TD: torch.Tensor, gate_TN: torch.Tensor) -> torch.Tensor:
     """Every expert on every token, its hidden units times the token's gate weight for it (0
     where not chosen): sum_e MLP_e(x) * gate_e, at the dense MLP's work and memory."""
+    gate_TN = gate_TN.to(x_TD.dtype)
     y_TD = torch.zeros_like(x_TD)
     for e, expert in enumerate(experts):
-        y_TD = y_TD + gated_expert(expert, x_TD, None, gate_TN[:, e:e + 1])
+        y_TD = y_TD + GatedExpert.apply(x_TD, expert.fc1.weight, expert.fc1.bias, expert.fc2.weight, expert.fc2.bias,
+                                        gate_TN[:, e:e + 1], _dropout_mask(expert, x_TD.shape[0], x_TD),
+                                        1.0 / (1.0 - expert.dropout.p), expert.activation_name)
     return y_TD
 
 
@@ -208,53 +208,112 @@ def _activation_grad_(grad_TH, h_TH, name):
     return grad_TH.mul_(slope_TH)
 
 
+def _expert_forward(x_RD, w1_HD, b1_H, w2_DH, b2_D, gate_R1, keep_RH, scale, activation):
+    """y = (dropout(act(x W1^T + b1)) * gate) W2^T + gate * b2, and the hidden units h."""
+    h_RH = F.linear(x_RD, w1_HD, b1_H)
+    z_RH = _gate_hidden_(_activation(h_RH, activation), gate_R1, keep_RH, scale)
+    return F.linear(z_RH, w2_DH) + gate_R1 * b2_D, h_RH
+
+
+def _expert_backward(grad_y_RD, x_RD, w1_HD, w2_DH, b2_D, h_RH, gate_R1, keep_RH, scale, activation):
+    """The gradients of :func:`_expert_forward` for x, W1, b1, W2, b2 and the gate, the gated
+    activation recomputed from h."""
+    a_RH = _activation(h_RH, activation)  # dropout(act(h)), ungated
+    if keep_RH is not None:
+        a_RH.mul_(keep_RH).mul_(scale)
+    grad_w2_DH = grad_y_RD.T @ (a_RH * gate_R1)
+    grad_b2_D = (grad_y_RD * gate_R1).sum(0)
+    grad_z_RH = grad_y_RD @ w2_DH
+    grad_gate_R1 = (torch.einsum("rh,rh->r", grad_z_RH, a_RH) + grad_y_RD @ b2_D)[:, None]
+    del a_RH
+    if keep_RH is not None:
+        grad_z_RH.mul_(keep_RH).mul_(scale)
+    grad_h_RH = _activation_grad_(grad_z_RH.mul_(gate_R1), h_RH, activation)
+    return grad_h_RH @ w1_HD, grad_h_RH.T @ x_RD, grad_h_RH.sum(0), grad_w2_DH, grad_b2_D, grad_gate_R1
+
+
+def _dropout_mask(expert, num_rows: int, like: torch.Tensor) -> torch.Tensor | None:
+    if not (expert.dropout.training and expert.dropout.p > 0):
+        return None
+    return torch.rand(num_rows, expert.fc1.out_features, device=like.device, dtype=like.dtype) >= expert.dropout.p
+
+
+def _expert_tensors(experts) -> list[torch.Tensor]:
+    return [t for e in experts for t in (e.fc1.weight, e.fc1.bias, e.fc2.weight, e.fc2.bias)]
+
+
 class GatedExpert(torch.autograd.Function):
-    """One expert on rows of x with gated hidden units:
-    y = (dropout(act(x[rows] W1^T + b1)) * gate) W2^T + gate * b2, for every row when ``rows`` is None.
-
-    Keeps for backward only the hidden units h, the gate, a boolean dropout mask and the row
-    indices: x is the layer's input, the same tensor for every expert, and the gathered rows
-    and the gated activation are recomputed in backward. So a path built on it holds no
-    (rows x d) copies and no more hidden-size tensors than the units its experts compute.
-    """
+    """One expert on every token with gated hidden units (the masked-dense path). Keeps for
+    backward only the hidden units h, the gate and a boolean dropout mask (x is the layer's
+    input, the same tensor for every expert): no more hidden-size tensors than the dense MLP."""
 
     @staticmethod
-    def forward(ctx, x_TD, rows_R, w1_HD, b1_H, w2_DH, b2_D, gate_R1, keep_RH, scale, activation):
+    def forward(ctx, x_TD, w1_HD, b1_H, w2_DH, b2_D, gate_T1, keep_TH, scale, activation):
         ctx.scale, ctx.activation = scale, activation
-        h_RH = F.linear(x_TD if rows_R is None else x_TD[rows_R], w1_HD, b1_H)
-        ctx.save_for_backward(x_TD, rows_R, w1_HD, w2_DH, b2_D, h_RH, gate_R1, keep_RH)
-        z_RH = _gate_hidden_(_activation(h_RH, activation), gate_R1, keep_RH, scale)
-        return F.linear(z_RH, w2_DH) + gate_R1 * b2_D
+        y_TD, h_TH = _expert_forward(x_TD, w1_HD, b1_H, w2_DH, b2_D, gate_T1, keep_TH, scale, activation)
+        ctx.save_for_backward(x_TD, w1_HD, w2_DH, b2_D, h_TH, gate_T1, keep_TH)
+        return y_TD
 
     @staticmethod
-    def backward(ctx, grad_y_RD):
-        x_TD, rows_R, w1_HD, w2_DH, b2_D, h_RH, gate_R1, keep_RH = ctx.saved_tensors
-        a_RH = _activation(h_RH, ctx.activation)  # dropout(act(h)), ungated
-        if keep_RH is not None:
-            a_RH.mul_(keep_RH).mul_(ctx.scale)
-        grad_w2_DH = grad_y_RD.T @ (a_RH * gate_R1)
-        grad_b2_D = (grad_y_RD * gate_R1).sum(0)
-        grad_z_RH = grad_y_RD @ w2_DH
-        grad_gate_R1 = (torch.einsum("rh,rh->r", grad_z_RH, a_RH) + grad_y_RD @ b2_D)[:, None]
-        del a_RH
-        if keep_RH is not None:
-            grad_z_RH.mul_(keep_RH).mul_(ctx.scale)
-        grad_h_RH = _activation_grad_(grad_z_RH.mul_(gate_R1), h_RH, ctx.activation)
-        x_RD = x_TD if rows_R is None else x_TD[rows_R]
-        grad_x_RD = grad_h_RH @ w1_HD
-        grad_x_TD = grad_x_RD if rows_R is None else torch.zeros_like(x_TD).index_add_(0, rows_R, grad_x_RD)
-        return (grad_x_TD, None, grad_h_RH.T @ x_RD, grad_h_RH.sum(0), grad_w2_DH, grad_b2_D, grad_gate_R1,
-                None, None, None)
+    def backward(ctx, grad_y_TD):
+        x_TD, w1_HD, w2_DH, b2_D, h_TH, gate_T1, keep_TH = ctx.saved_tensors
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gate = _expert_backward(
+            grad_y_TD, x_TD, w1_HD, w2_DH, b2_D, h_TH, gate_T1, keep_TH, ctx.scale, ctx.activation)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gate, None, None, None
 
 
-def gated_expert(expert, x_TD: torch.Tensor, rows_R: torch.Tensor | None, gate_R1: torch.Tensor) -> torch.Tensor:
-    """:class:`GatedExpert` of one of our MLPs, with its dropout drawn here (train mode)."""
-    keep_RH = None
-    if expert.dropout.training and expert.dropout.p > 0:
-        num_rows = x_TD.shape[0] if rows_R is None else rows_R.shape[0]
-        keep_RH = torch.rand(num_rows, expert.fc1.out_features, device=x_TD.device, dtype=x_TD.dtype) >= expert.dropout.p
-    return GatedExpert.apply(x_TD, rows_R, expert.fc1.weight, expert.fc1.bias, expert.fc2.weight, expert.fc2.bias,
-                             gate_R1.to(x_TD.dtype), keep_RH, 1.0 / (1.0 - expert.dropout.p), expert.activation_name)
+class RoutedExperts(torch.autograd.Function):
+    """Every expert on its rows of x, weighted and added into their tokens:
+    y[t] = sum over the assignments a of token t of w_a MLP_{e(a)}(x[t]), the assignments sorted
+    by expert (``counts`` of each). Keeps for backward x (the layer's input), the row indices, the
+    weights and each expert's hidden units and dropout mask: no (T*K x d) copy of the gathered
+    inputs or of the outputs, and the input gradient is one (T x d) sum."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_A, weight_A, counts, dropouts, scale, activation, *tensors):
+        ctx.counts, ctx.scale, ctx.activation = counts, scale, activation
+        gate_A1 = weight_A.to(x_TD.dtype)[:, None]
+        y_TD = torch.zeros_like(x_TD)
+        hidden, start = [], 0
+        for e, (count, keep_RH) in enumerate(zip(counts, dropouts)):
+            rows_R = token_A[start:start + count]
+            w1_HD, b1_H, w2_DH, b2_D = tensors[4 * e:4 * e + 4]
+            y_RD, h_RH = _expert_forward(x_TD[rows_R], w1_HD, b1_H, w2_DH, b2_D, gate_A1[start:start + count], keep_RH,
+                                         scale, activation)
+            y_TD.index_add_(0, rows_R, y_RD)
+            hidden.append(h_RH)
+            start += count
+        ctx.save_for_backward(x_TD, token_A, gate_A1, *tensors, *hidden, *dropouts)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, grad_y_TD):
+        x_TD, token_A, gate_A1, *rest = ctx.saved_tensors
+        experts = len(ctx.counts)
+        tensors, hidden, dropouts = rest[:4 * experts], rest[4 * experts:5 * experts], rest[5 * experts:]
+        grad_x_TD = torch.zeros_like(x_TD)
+        grad_tensors, grad_gates, start = [], [], 0
+        for e, count in enumerate(ctx.counts):
+            rows_R = token_A[start:start + count]
+            w1_HD, _, w2_DH, b2_D = tensors[4 * e:4 * e + 4]
+            grad_x_RD, *grads, grad_gate_R1 = _expert_backward(
+                grad_y_TD[rows_R], x_TD[rows_R], w1_HD, w2_DH, b2_D, hidden[e], gate_A1[start:start + count],
+                dropouts[e], ctx.scale, ctx.activation)
+            grad_x_TD.index_add_(0, rows_R, grad_x_RD)
+            grad_tensors += grads
+            grad_gates.append(grad_gate_R1)
+            start += count
+        grad_weight_A = torch.cat(grad_gates)[:, 0].to(gate_A1.dtype) if grad_gates else None
+        return (grad_x_TD, None, grad_weight_A, None, None, None, None, *grad_tensors)
+
+
+def routed_experts(experts, x_TD: torch.Tensor, token_A: torch.Tensor, weight_A: torch.Tensor,
+                   counts: list[int]) -> torch.Tensor:
+    """:class:`RoutedExperts` of our MLPs, with their dropout drawn here (train mode)."""
+    first = experts[0]
+    dropouts = [_dropout_mask(expert, count, x_TD) for expert, count in zip(experts, counts)]
+    return RoutedExperts.apply(x_TD, token_A, weight_A, counts, dropouts, 1.0 / (1.0 - first.dropout.p),
+                               first.activation_name, *_expert_tensors(experts))
 
 
 # The single-rank paths by name (`MoEConfig.dispatch`); expert-parallel is chosen by ep_size.

@@ -127,10 +127,11 @@ class ExpertDispatcher(MOELayer):
                                    "set_deepspeed_parallelism() (deepspeed.initialize does) before the first forward")
             y_TD = expert_parallel_combine(experts, x_TD, routes, self.num_experts, self.ep_group, self.ep_rank)
         else:
-            if path == "grouped" and not groupable(experts, x_TD.dtype):
-                raise ValueError(f"dispatch 'grouped' needs expert widths (d_model {x_TD.shape[1]}, "
-                                 f"d_ff / num_experts {experts[0].fc1.out_features}) of 16-byte multiples in "
-                                 f"{x_TD.dtype}: use dispatch=sorted or dispatch=auto")
+            if path == "grouped" and not groupable(experts, x_TD.dtype, x_TD.device):
+                raise ValueError(f"dispatch 'grouped' needs fp32 or bf16 on the CPU, bf16 on a CUDA GPU from sm80, and "
+                                 f"expert widths (d_model {x_TD.shape[1]}, d_ff / num_experts "
+                                 f"{experts[0].fc1.out_features}) of 16-byte multiples; this is {x_TD.dtype} on "
+                                 f"{x_TD.device.type}: use dispatch=sorted or dispatch=auto")
             y_TD = COMBINES[path](experts, x_TD, routes)
         return y_TD.reshape(x.shape)
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smoe.launcher.bench.events import scalars
+from smoe.launcher.bench.runs import scalars
 from smoe.launcher.runtime.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]  # the repository: the package's root

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from smoe.launcher.bench.events import scalars
+from smoe.launcher.bench.runs import add_data_arguments, data_arguments, scalars
 from smoe.launcher.runtime import log
 from smoe.launcher.runtime.files import write_atomic
 
@@ -63,10 +63,7 @@ def parse_seeds(text: str) -> list[int | None]:
 
 
 def add_arguments(parser) -> None:
-    data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data-file", help="raw byte file for Transformer-XL (e.g. ../shared/data/enwik8/enwik8-head-4154399)")
-    data.add_argument("--data-files", nargs="+", metavar="PATH", help="text for the masked-LM presets "
-                                                                       "(e.g. ../shared/data/books)")
+    add_data_arguments(parser)
     parser.add_argument("--out", required=True, help="directory for the runs (OUT/METHOD/seed-S)")
     parser.add_argument("--preset", default="tiny", help="tiny (Transformer-XL), bert-tiny or roberta-tiny")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -76,8 +73,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, sharing the cores (default 1)")
     parser.add_argument("--json", help="write every run's sweep and the statistics here")
     parser.add_argument("--markdown", help="write the tables here as markdown")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run, "
-                                                                      "e.g. max_steps=3000")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides for every run, e.g. max_steps=3000")
 
 
 def run_dir_of(out: Path, variant: Variant, seed: int | None) -> Path:
@@ -85,9 +82,9 @@ def run_dir_of(out: Path, variant: Variant, seed: int | None) -> Path:
 
 
 def train_command(args, variant: Variant, seed: int | None, run_dir: Path) -> list[str]:
-    data = ["--data-file", args.data_file] if args.data_file else ["--data-files", *args.data_files]
     command = [sys.executable, "-m", "smoe.launcher.cli", "train", "--preset", args.preset, "--method",
-               variant.method, *data, "--out", str(run_dir), *args.overrides, *variant.overrides, "--auto-resume"]
+               variant.method, *data_arguments(args), "--out", str(run_dir), *args.overrides, *variant.overrides,
+               "--auto-resume"]
     if seed is not None:
         command.append(f"seed={seed}")
     return command

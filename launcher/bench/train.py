@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from smoe.launcher.bench.events import scalars
+from smoe.launcher.bench.runs import add_data_arguments, data_arguments, scalars
 from smoe.launcher.runtime import log
 from smoe.launcher.runtime.files import write_atomic
 
@@ -33,17 +33,15 @@ PAPER = {"transformer-xl": 0.98, "bert": 0.91, "roberta": 0.91}  # time per iter
 
 
 def add_arguments(parser) -> None:
-    data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data-file", help="raw byte file for Transformer-XL (e.g. ../shared/data/enwik8/enwik8-head-4154399)")
-    data.add_argument("--data-files", nargs="+", metavar="PATH", help="text for the masked-LM presets")
+    add_data_arguments(parser)
     parser.add_argument("--out", required=True, help="directory for the runs (OUT/dense, OUT/k8, ...)")
     parser.add_argument("--preset", default="paper", help="paper (Transformer-XL) or bert-paper, or any preset")
     parser.add_argument("--ks", default="", help="comma-separated ks (default: every k of the schedule)")
     parser.add_argument("--warmup", type=int, default=2, help="steps not timed (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="steps timed (default 5)")
     parser.add_argument("--json", help="write the table here")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run, "
-                                                                      "e.g. batch_size=4 ds_config=bf16")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides for every run, e.g. batch_size=4 ds_config=bf16")
 
 
 # Every run: training steps only (no validation, one checkpoint when it stops), each one logged.
@@ -54,9 +52,9 @@ def train(args, out: Path, method: str, extra: list[str]) -> dict:
     """One `smoe train` of the benchmark (read back when it finished before); ``extra`` overrides win."""
     steps = args.warmup + args.steps
     if not scalars(out, "train/step_time_s").get(steps):
-        data = ["--data-file", args.data_file] if args.data_file else ["--data-files", *args.data_files]
         command = [sys.executable, "-m", "smoe.launcher.cli", "train", "--preset", args.preset, "--method", method,
-                   *data, "--out", str(out), *RUN, *args.overrides, *extra, "--stop-at", str(steps), "--auto-resume"]
+                   *data_arguments(args), "--out", str(out), *RUN, *args.overrides, *extra, "--stop-at", str(steps),
+                   "--auto-resume"]
         log.info("$ " + " ".join(command[1:]))
         if subprocess.run(command).returncode:
             raise SystemExit(f"smoe: error: the run in {out} failed; the same command continues the benchmark")
@@ -128,5 +126,6 @@ def format_table(report: dict) -> str:
         paper = f"; the paper: {report['paper']}" if report["paper"] else ""
         lines.append(f"schedule average (k {min(report['schedule_ks'])} -> {max(report['schedule_ks'])}): "
                      f"{s['time_ratio']:.3f} x dense (ideal {s['ideal_ratio']:.3f}, "
-                     f"{s['time_ratio'] / s['ideal_ratio']:.3f} x ideal), memory {s['memory_ratio']:.3f} x dense{paper}")
+                     f"{s['time_ratio'] / s['ideal_ratio']:.3f} x ideal), "
+                     f"memory {s['memory_ratio']:.3f} x dense{paper}")
     return "\n".join(lines)

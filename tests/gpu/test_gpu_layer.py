@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from smoe.model import MoEConfig, SMoE
+from smoe.model.dispatch import groupable
 
 D, D_FF, N, VOCAB = 64, 1024, 16, 40
 TOKENS = (4, 128)
@@ -87,7 +88,9 @@ def test_every_dispatch_path_matches_the_reference_loop(dtype, router, k, smoe_g
     if router == "random-frozen":
         assert layer.router.proj.weight.dtype == torch.float32
 
-    for dispatch in ("sorted", "masked-dense", "auto"):
+    for dispatch in ("sorted", "grouped", "masked-dense", "auto"):
+        if dispatch == "grouped" and not groupable(layer.local_experts, dtype, "cuda"):
+            continue  # grouped_mm on CUDA: bf16 from sm80
         fast = run_path(layer, dispatch, x, ids, grad_y)
         what = f"{dispatch} ({fast.path})"
         assert torch.equal(fast.routes.expert_ids_TK, reference.routes.expert_ids_TK), f"{what}: other routes"
@@ -104,9 +107,9 @@ def test_every_dispatch_path_matches_the_reference_loop(dtype, router, k, smoe_g
 
 
 # Host syncs in one forward + backward: the sorted path reads the split sizes back once
-# (`counts.tolist()` in model/dispatch.py run_experts); masked-dense never waits for the GPU.
-# The reference loop's nonzero() syncs once per expert: not bounded, not tested.
-SYNC_BOUND = {"sorted": 1, "masked-dense": 0}
+# (`counts.tolist()` in model/dispatch.py sorted_combine); grouped and masked-dense never wait
+# for the GPU. The reference loop's nonzero() syncs once per expert: not bounded, not tested.
+SYNC_BOUND = {"sorted": 1, "grouped": 0, "masked-dense": 0}
 
 
 def count_syncs(step) -> list[warnings.WarningMessage]:
@@ -124,11 +127,13 @@ def count_syncs(step) -> list[warnings.WarningMessage]:
 
 
 @pytest.mark.parametrize("k", [8, 16])
-@pytest.mark.parametrize("dispatch", ["sorted", "masked-dense", "auto"])
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped", "masked-dense", "auto"])
 def test_host_syncs_of_one_training_step(dispatch, k, low_precision):
     """The paper's Transformer-XL layer (d 256, d_ff 8192 as 16 experts, dropout 0.1) on 4096 tokens."""
     layer = SMoE(MoEConfig(d_model=256, d_ff=8192, num_experts=16, k=k, router="random-frozen",
                            dispatch=dispatch)).to("cuda", low_precision).train()
+    if dispatch == "grouped" and not groupable(layer.local_experts, low_precision, "cuda"):
+        pytest.skip("grouped_mm on CUDA: bf16 from sm80")
     x = torch.randn(4096, 256, device="cuda", dtype=low_precision, requires_grad=True)
 
     def step():
