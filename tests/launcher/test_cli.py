@@ -42,7 +42,7 @@ def test_bench_layer_writes_its_records(tmp_path):
     dense = [r for r in records if r["method"] == "dense"]
     assert all(r["ratio_to_dense"] == 1.0 for r in dense)
     ours = [r for r in records if r["method"] == "smoe"]
-    assert [r["path"] for r in ours] == ["sorted", "masked-dense"]
+    assert all(r["path"] in ("sorted", "grouped", "masked-dense") for r in ours)  # auto: the fastest timed at each k
     assert ours[0]["ratio_to_dense"] == pytest.approx(ours[0]["median_ms"] / dense[0]["median_ms"], rel=0.02)
 
 
