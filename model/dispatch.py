@@ -271,7 +271,7 @@ class RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, token_A, weight_A, counts, dropouts, scale, activation, *tensors):
-        ctx.counts, ctx.scale, ctx.activation = counts, scale, activation
+        ctx.counts, ctx.scale, ctx.activation, ctx.weight_dtype = counts, scale, activation, weight_A.dtype
         gate_A1 = weight_A.to(x_TD.dtype)[:, None]
         y_TD = torch.zeros_like(x_TD)
         hidden, start = [], 0
@@ -303,7 +303,7 @@ class RoutedExperts(torch.autograd.Function):
             grad_tensors += grads
             grad_gates.append(grad_gate_R1)
             start += count
-        grad_weight_A = torch.cat(grad_gates)[:, 0].to(gate_A1.dtype) if grad_gates else None
+        grad_weight_A = torch.cat(grad_gates)[:, 0].to(ctx.weight_dtype) if grad_gates else None
         return (grad_x_TD, None, grad_weight_A, None, None, None, None, *grad_tensors)
 
 
