@@ -1,16 +1,15 @@
 """BERT and RoBERTa masked-LM models from `transformers`, with our feed-forward blocks.
 
 Everything but the feed-forward block is transformers' own module. In each layer,
-``intermediate`` (dense d -> d_ff + GELU) and ``output.dense`` (d_ff -> d) become one
-block from :func:`~smoe.model.feedforward.feedforward_factory` (experts behind a router,
-or a dense baseline), while the layer's own dropout, residual and LayerNorm stay where
-``BertOutput`` has them: ``LayerNorm(dropout(ffn(x)) + x)``.
+``intermediate`` + ``output.dense`` become one block from
+:func:`~smoe.model.feedforward.feedforward_factory` (experts behind a router, or a dense
+baseline), installed by :mod:`smoe.model.encoder`.
 
 The classes are transformers citizens: ``SMoEBertConfig`` is a ``BertConfig`` with our
 fields (method, N, k, ...), so ``save_pretrained`` / ``from_pretrained`` round-trip,
 and the models take and return what ``BertForMaskedLM`` does. The layers' auxiliary
-losses and expert counts are read after a forward with :func:`aux_loss` and
-:func:`expert_counts`.
+losses and expert counts are read after a forward with :func:`smoe.model.encoder.aux_loss` and
+:func:`smoe.model.encoder.expert_counts`.
 """
 
 from __future__ import annotations
@@ -25,29 +24,10 @@ from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModel
                           RobertaForMaskedLM, RobertaForMultipleChoice, RobertaForSequenceClassification,
                           RobertaModel)
 
+from smoe.model.encoder import install_blocks, with_blocks
 from smoe.model.feedforward import FeedForwardSpec, feedforward_factory, get_method
 from smoe.model.mlp import MLP, modularize
 from smoe.routing import RouterOptions
-
-
-class ExpertFeedForward(nn.Module):
-    """A layer's feed-forward sublayer around any block: ``LayerNorm(dropout(block(x)) + x)``.
-
-    Takes the place of ``BertOutput`` (whose dropout and LayerNorm it keeps); the layer's
-    ``intermediate`` becomes the identity, so ``output(intermediate(x), x)`` lands here."""
-
-    def __init__(self, block: nn.Module, original_output: nn.Module):
-        super().__init__()
-        self.block = block
-        self.dropout = original_output.dropout
-        self.LayerNorm = original_output.LayerNorm
-        self.token_ids: torch.Tensor | None = None  # set before each forward, for the hash router
-        self.aux_loss: torch.Tensor | float = 0.0
-        self.expert_counts: torch.Tensor | None = None
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        y, self.aux_loss, self.expert_counts = self.block(hidden_states, self.token_ids)
-        return self.LayerNorm(self.dropout(y) + input_tensor)
 
 
 def _spec(config) -> FeedForwardSpec:
@@ -71,32 +51,8 @@ def router_options_of(config) -> RouterOptions:
 
 
 def install_feedforward(model: nn.Module, ep_rank: int = 0, rank: int = 0) -> None:
-    """Replace every layer's intermediate + output with an :class:`ExpertFeedForward`."""
-    make_ffn = feedforward_factory(_spec(model.config), ep_rank, rank)
-    for index, layer in enumerate(model.base_model.encoder.layer):
-        layer.output = ExpertFeedForward(make_ffn(index), layer.output)
-        layer.intermediate = nn.Identity()
-    # On the encoder, not the head: a multiple-choice head flattens (batch, choices, T) ids before it.
-    model.base_model.register_forward_pre_hook(_share_token_ids, with_kwargs=True)
-
-
-def _share_token_ids(encoder, args, kwargs):
-    token_ids = kwargs.get("input_ids", args[0] if args else None)
-    for module in feedforward_modules(encoder):
-        module.token_ids = token_ids
-
-
-def feedforward_modules(model: nn.Module) -> list[ExpertFeedForward]:
-    return [m for m in model.modules() if isinstance(m, ExpertFeedForward)]
-
-
-def aux_loss(model: nn.Module) -> torch.Tensor | float:
-    """The sum of the layers' auxiliary losses from the last forward (balance loss, Concrete's regulariser)."""
-    return sum((m.aux_loss for m in feedforward_modules(model)), 0.0)
-
-
-def expert_counts(model: nn.Module) -> list[torch.Tensor | None]:
-    return [m.expert_counts for m in feedforward_modules(model)]
+    """Our feed-forward block, from the config, in every layer."""
+    install_blocks(model, feedforward_factory(_spec(model.config), ep_rank, rank))
 
 
 class SMoEFields(PreTrainedConfig):
@@ -122,18 +78,6 @@ class SMoERobertaConfig(SMoEFields, RobertaConfig):
     model_type = "smoe-roberta"
 
 
-def _with_experts(base: type, config_class: type) -> type:
-    """``base`` (a transformers BERT/RoBERTa model class) with our feed-forward blocks installed."""
-
-    def __init__(self, config, ep_rank: int = 0, rank: int = 0):
-        base.__init__(self, config)
-        install_feedforward(self, ep_rank, rank)  # after transformers' init, which would redraw the routers
-
-    name = "SMoE" + base.__name__
-    return type(name, (base,), {"__init__": __init__, "config_class": config_class, "__module__": __name__,
-                                "__doc__": f"transformers' {base.__name__} over our feed-forward blocks."})
-
-
 # One class per (family, head), registered with the Auto class of that head, so that
 # AutoModelFor...from_pretrained(dir) builds ours from any directory we wrote.
 HEADS = {"masked-lm": AutoModelForMaskedLM, "sequence-classification": AutoModelForSequenceClassification,
@@ -145,7 +89,8 @@ _BASES = {
                 "multiple-choice": RobertaForMultipleChoice, "encoder": RobertaModel},
 }
 CONFIGS = {"bert": SMoEBertConfig, "roberta": SMoERobertaConfig}
-CLASSES = {family: {head: _with_experts(base, CONFIGS[family]) for head, base in bases.items()}
+CLASSES = {family: {head: with_blocks(base, CONFIGS[family], install_feedforward, __name__)
+                    for head, base in bases.items()}
            for family, bases in _BASES.items()}
 MODELS = {family: (CONFIGS[family], CLASSES[family]["masked-lm"]) for family in CONFIGS}
 SMoEBertForMaskedLM, SMoERobertaForMaskedLM = MODELS["bert"][1], MODELS["roberta"][1]

@@ -19,7 +19,7 @@ What is DeepSpeed's and what is ours:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from deepspeed.moe.experts import Experts
@@ -28,7 +28,8 @@ from deepspeed.moe.sharded_moe import MOELayer
 from deepspeed.utils import groups
 from torch import nn
 
-from smoe.model.dispatch import COMBINES, MASKED_DENSE_FROM, expert_parallel_combine, groupable
+from smoe.model.dispatch import COMBINES, default_path, groupable, scaled
+from smoe.model.expert_parallel import expert_parallel_combine
 from smoe.model.mlp import ACTIVATIONS, MLP
 from smoe.routing import ROUTERS, RouterOptions, build_router
 
@@ -110,13 +111,11 @@ class ExpertDispatcher(MOELayer):
         if self.dispatch != "auto":
             return self.dispatch
         k = self.gate.top_k
-        return self.auto_paths.get(k) or ("masked-dense" if k >= MASKED_DENSE_FROM * self.num_experts else "sorted")
+        return self.auto_paths.get(k) or default_path(k, self.num_experts)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         x_TD = x.reshape(-1, x.shape[-1])
-        routes = self.gate(x_TD, None if token_ids is None else token_ids.reshape(-1))
-        if self.combine_scale != 1.0:  # here only: every dispatch path below combines with these weights
-            routes = replace(routes, weights_TK=routes.weights_TK * self.combine_scale)
+        routes = scaled(self.gate(x_TD, None if token_ids is None else token_ids.reshape(-1)), self.combine_scale)
         self.l_aux = routes.aux_loss
         self.exp_counts = routes.counts_N
         experts = list(self.experts.deepspeed_experts)

@@ -93,8 +93,12 @@ class PositionalEmbedding(nn.Module):
 
     def __init__(self, d_model: int):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0.0, d_model, 2.0) / d_model),
-                             persistent=False)
+        self.d_model = d_model
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self) -> torch.Tensor:
+        """1 / 10000^(2i / d): computed, never saved (a model built on the meta device computes it again)."""
+        return 1.0 / 10000 ** (torch.arange(0.0, self.d_model, 2.0) / self.d_model)
 
     def forward(self, pos_K: torch.Tensor) -> torch.Tensor:
         angle_KD = torch.outer(pos_K, self.inv_freq)

@@ -97,8 +97,8 @@ class FrozenProjection(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, std: float, seed: int):
         super().__init__()
-        self.register_buffer("weight", torch.empty(d_out, d_in))
-        self.register_buffer("bias", torch.zeros(d_out))
+        self.register_buffer("weight", torch.empty(d_out, d_in, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(d_out, dtype=torch.float32))
         _seeded_normal_(self.weight, std, seed)
 
     def _apply(self, fn, recurse=True):

@@ -23,7 +23,8 @@ from smoe.data.mlm import (TOKENIZER_FILES, BlockStream, check_tokenizer_fits, g
 from smoe.launcher.config import TrainConfig
 from smoe.launcher.evaluation.metrics import sparse_flops
 from smoe.launcher.families.base import Pass
-from smoe.model.bert import MODELS, aux_loss, expert_counts
+from smoe.model.bert import MODELS
+from smoe.model.encoder import aux_loss, expert_counts
 from smoe.model.parallel import init_expert_parallel
 
 SPLITS = {"valid": "validation", "test": "test"}

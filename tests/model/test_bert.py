@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
-from smoe.model.bert import MODELS, ExpertFeedForward, aux_loss, expert_counts
+from smoe.model.bert import MODELS
+from smoe.model.encoder import ExpertFeedForward, aux_loss, expert_counts
 from smoe.model.feedforward import METHODS
 
 from runs import smoe

@@ -137,7 +137,7 @@ class TransformersBody(TaskModel):
         self.method = self.model.config.method
 
     def aux_loss(self) -> torch.Tensor | float:
-        from smoe.model.bert import aux_loss
+        from smoe.model.encoder import aux_loss
 
         return aux_loss(self.model)
 
