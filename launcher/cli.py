@@ -1,5 +1,5 @@
-"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality|train`, `smoe ckpt consolidate`, `smoe convert`, `smoe slim`,
-`smoe finetune`, `smoe distill`, `smoe report`."""
+"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality|train|infer`, `smoe ckpt consolidate`,
+`smoe convert`, `smoe slim`, `smoe finetune`, `smoe distill`, `smoe report`, `smoe export`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
+
 from smoe.launcher.runtime import log
 
 # `smoe train` stopped by SIGUSR1/SIGTERM after saving a checkpoint: "try again" (sysexits EX_TEMPFAIL);
@@ -96,17 +97,10 @@ def _add_eval(commands) -> None:
     _set_run(parser, _run_eval)
 
 
-def parse_ks(text: str, flag: str = "--k") -> list[int]:
-    """``1,2,4,16`` as integers; anything else is refused with the expected form."""
-    try:
-        return [int(k) for k in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} {text}: expected comma-separated integers, e.g. {flag} 1,2,4,16") from None
-
-
 def _run_eval(args) -> None:
     from smoe.launcher.checkpoints.run_dir import RunDir
     from smoe.launcher.checkpoints.schema import latest_tag
+    from smoe.launcher.config import parse_ks
     from smoe.launcher.evaluation.run import evaluate_run
 
     ks = parse_ks(args.k) if args.k else None
@@ -149,13 +143,29 @@ def _add_bench(commands) -> None:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_train.add_arguments(train)
     _set_run(train, _run_bench_train)
+    from smoe.launcher.bench import infer as bench_infer
+
+    infer = benches.add_parser("infer", help="inference latency and tokens/s of an exported model at each k, and the "
+                                             "best k under a budget", description=bench_infer.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_infer.add_arguments(infer)
+    _set_run(infer, _run_bench_infer)
 
 
 def _run_bench_layer(args) -> None:
+    from smoe.launcher.config import parse_ks
     from smoe.launcher.bench import layer as bench_layer
 
     parse_ks(args.ks, "--ks")  # refused with the expected form, not int()'s message
     bench_layer.run(args)
+
+
+def _run_bench_infer(args) -> None:
+    from smoe.launcher.bench import infer as bench_infer
+    from smoe.launcher.config import parse_ks
+
+    args.ks = parse_ks(args.ks, "--ks") if args.ks else None
+    bench_infer.run(args)
 
 
 def _run_bench_quality(args) -> None:
@@ -187,7 +197,7 @@ def _run_bench_train(args) -> None:
     from smoe.data.enwik8 import check_byte_file
     from smoe.data.mlm import text_files
     from smoe.launcher.bench import train as bench_train
-    from smoe.launcher.config import build_config, parse_override
+    from smoe.launcher.config import build_config, parse_ks, parse_override
 
     config = build_config(args.preset, dict(parse_override(text) for text in args.overrides))
     if config.masked_lm != bool(args.data_files):
@@ -223,19 +233,21 @@ def _run_consolidate(args) -> None:
     log.info(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
-# Commands whose module (of the same name) has add_arguments(parser) and run(args): name -> one-line help.
+# Commands whose module has add_arguments(parser) and run(args): name -> (module, one-line help).
 MODULE_COMMANDS = {
-    "convert": "a dense BERT/RoBERTa checkpoint split into experts",
-    "slim": "keep the B most used experts per layer for fine-tuning",
-    "finetune": "fine-tune a slim or converted model on a downstream task",
-    "distill": "distil a fine-tuned SST-2 teacher into a single-expert student",
-    "report": "the paper's downstream tables and figure from a directory of runs",
+    "convert": ("smoe.launcher.downstream.convert", "a dense BERT/RoBERTa checkpoint split into experts"),
+    "slim": ("smoe.launcher.downstream.slim", "keep the B most used experts per layer for fine-tuning"),
+    "finetune": ("smoe.launcher.downstream.finetune", "fine-tune a slim or converted model on a downstream task"),
+    "distill": ("smoe.launcher.downstream.distill", "distil a fine-tuned SST-2 teacher into a single-expert student"),
+    "report": ("smoe.launcher.downstream.report", "the paper's downstream tables and figure from a directory of runs"),
+    "export": ("smoe.launcher.export.run", "a Hugging Face directory that loads without smoe, any k at load time"),
 }
 
 
 def _add_module_command(commands, name: str) -> None:
-    module = importlib.import_module(f"smoe.launcher.downstream.{name}")
-    parser = commands.add_parser(name, help=MODULE_COMMANDS[name], description=module.__doc__,
+    module_name, summary = MODULE_COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = commands.add_parser(name, help=summary, description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     _set_run(parser, module.run)

@@ -202,6 +202,14 @@ class TrainConfig:
         return cls.from_dict({"combine_scale": "1", **values})
 
 
+def parse_ks(text: str, flag: str = "--k") -> list[int]:
+    """``1,2,4,16`` as integers; anything else is refused with the expected form."""
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text}: expected comma-separated integers, e.g. {flag} 1,2,4,16") from None
+
+
 def presets() -> dict[str, dict]:
     return json.loads((files("smoe") / "launcher" / "presets.json").read_text())
 

@@ -92,7 +92,7 @@ LAUNCHER_LAYERS = [
     ["smoe.launcher.families"],
     ["smoe.launcher.checkpoints"],
     ["smoe.launcher.training"],
-    ["smoe.launcher.evaluation.run", "smoe.launcher.bench", "smoe.launcher.downstream"],
+    ["smoe.launcher.evaluation.run", "smoe.launcher.bench", "smoe.launcher.downstream", "smoe.launcher.export"],
     ["smoe.launcher.cli"],
 ]
 

@@ -1,0 +1,223 @@
+"""`smoe export SOURCE OUT`: a Hugging Face model directory that runs without smoe or DeepSpeed.
+
+SOURCE is a `smoe train` run (its latest complete checkpoint, of any ep_size), a `smoe slim` or
+`smoe finetune` model directory, or a consolidated ``.safetensors`` file. OUT gets
+``config.json`` (with ``auto_map``), ``modeling_smoe.py`` (smoe's own torch-only model code,
+:mod:`smoe.launcher.export.bundle`), ``model.safetensors``, the tokenizer where there is one,
+``slimming.json`` and a model card (``README.md``) with quality, active parameters, FLOPs and
+measured speed by k. Load it with
+
+    AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True, num_experts_per_tok=4)
+
+(``AutoModelForMaskedLM``, ``...ForSequenceClassification`` or ``...ForMultipleChoice`` for
+BERT/RoBERTa). Before OUT appears, the export is loaded back that way and its outputs are
+compared with smoe's at every k (fp32, 1e-5); OUT is written under a temporary name and
+renamed at the end, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from smoe.launcher.bench.infer import SLIMMING_FILE, default_ks, device_name, load_exported, max_tokens, measure
+from smoe.launcher.config import parse_ks
+from smoe.launcher.evaluation.metrics import active_parameters, flops_per_token, sparse_flops
+from smoe.launcher.export.bundle import MODELING_FILE, MODELING_MODULE, bundle
+from smoe.launcher.export.card import model_card
+from smoe.launcher.export.convert import CONFIG_CLASSES, Source, exported_config, exported_state, read_source
+from smoe.launcher.runtime import log
+from smoe.launcher.runtime.files import write_atomic
+from smoe.model.moe import moe_layers_of, set_top_k
+
+TOLERANCE = 1e-5  # fp32: the largest difference from smoe's logits, relative to their largest magnitude
+CHECK_LENGTH = 32  # tokens per row of the comparison
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("source", help="a `smoe train` run, a `smoe slim` / `smoe finetune` model directory, or a "
+                                       "consolidated .safetensors file")
+    parser.add_argument("out", help="the directory to write (new, or empty)")
+    parser.add_argument("--k", type=int, help="num_experts_per_tok the directory loads at (default: the model's)")
+    parser.add_argument("--ks", help="the ks of the card's speed table (default: 1, 2, 4, ... up to N)")
+    parser.add_argument("--batch", type=int, default=32, help="the large batch of the speed table (default 32)")
+    parser.add_argument("--length", type=int, default=128, help="tokens per row of the speed table (default 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per setting (default 3)")
+    parser.add_argument("--eval-json", help="a `smoe eval --json` report of this model, for the card's quality column")
+
+
+def import_modeling(path: Path):
+    """The bundled modelling file as a module, to build the exported classes in this process."""
+    name = f"smoe_export_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_export(source: Source, directory: Path, k: int | None) -> None:
+    """The modelling file, the config and the weights (and the tokenizer) into ``directory``."""
+    (directory / MODELING_FILE).write_text(bundle())
+    modeling = import_modeling(directory / MODELING_FILE)
+    config = exported_config(source, modeling)
+    if k is not None:
+        modeling.check_top_k(config, k)
+        config.num_experts_per_tok = k
+    config.auto_map = {"AutoConfig": f"{MODELING_MODULE}.{CONFIG_CLASSES[source.family]}",
+                       source.auto_class: f"{MODELING_MODULE}.{source.exported_class}"}
+    model = getattr(modeling, source.exported_class)(config)
+    model.load_state_dict(exported_state(source), strict=True)
+    model.save_pretrained(directory)
+    if source.tokenizer is not None:
+        source.tokenizer.save_pretrained(directory)
+
+
+def comparison_inputs(source: Source, exported) -> dict:
+    """Inputs for both models: random ids, and for BERT/RoBERTa an attention mask with padding."""
+    generator = torch.Generator().manual_seed(0)
+    config = exported.config
+    if source.family == "transformer-xl":
+        return {"input_ids": torch.randint(config.vocab_size, (2, 2, CHECK_LENGTH), generator=generator)}
+    length = min(CHECK_LENGTH, max_tokens(config))
+    shape = (2, 2, length) if source.head == "multiple-choice" else (2, length)
+    ids = torch.randint(config.vocab_size, shape, generator=generator)
+    mask = torch.ones_like(ids)
+    mask[-1, ..., length // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def outputs(source: Source, model, inputs: dict, exported: bool) -> torch.Tensor:
+    """Logits of ``inputs``; Transformer-XL reads two segments, the second after the first's memory."""
+    if source.family != "transformer-xl":
+        return model(**inputs).logits
+    mems, logits = None, []
+    if not exported:
+        model.mem_len = source.config.eval_mem_len  # as the run evaluates
+    for segment in inputs["input_ids"].unbind(1):
+        out = model(input_ids=segment, mems=mems) if exported else model(segment, mems)
+        mems = out.mems
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@torch.no_grad()
+def check_outputs(source: Source, exported, ks: list[int]) -> float:
+    """The largest relative difference of the exported model's logits from smoe's over ``ks``;
+    raises above :data:`TOLERANCE`."""
+    inputs = comparison_inputs(source, exported)
+    worst = 0.0
+    for k in ks:
+        if k is not None:
+            set_top_k(source.model, k)
+            exported.set_top_k(k)
+        expected = outputs(source, source.model, inputs, exported=False)
+        got = outputs(source, exported, inputs, exported=True)
+        difference = ((got - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
+        worst = max(worst, difference)
+        if not difference <= TOLERANCE:
+            raise RuntimeError(f"the exported model's logits differ from smoe's by {difference:.2e} at k={k} "
+                               f"(tolerance {TOLERANCE:g}): the export is wrong, please report it")
+    return worst
+
+
+@torch.no_grad()
+def cost_by_k(source: Source, ks: list[int | None]) -> dict:
+    """Active parameters and forward FLOPs per token at each k, counted on smoe's model (FLOPs on the
+    sparse path: they follow k)."""
+    model, costs = source.model, {}
+    for k in ks:
+        if k is not None:
+            set_top_k(model, k)
+        if source.family == "transformer-xl":
+            config = source.config
+            flops = flops_per_token(model, config.eval_tgt_len, config.eval_mem_len, config.vocab_size)
+        else:
+            inputs = comparison_inputs(source, model)
+            ids = inputs["input_ids"][:1]
+            flops = sparse_flops(model, lambda: model(input_ids=ids)) / ids.numel()
+        costs[k] = {"active_params": active_parameters(model, k), "flops_per_token": flops}
+    return costs
+
+
+def quality_by_k(source: Source, eval_json: str | None) -> tuple[dict[int, dict], str | None, str | None]:
+    """Validation and test bits by k, from ``--eval-json`` or the run's own final sweep."""
+    if eval_json:
+        report = json.loads(Path(eval_json).read_text())
+        rows, unit, where = report["rows"], report.get("unit"), f"{eval_json} ({report.get('source', '?')})"
+    else:
+        rows, unit, where = (source.facts.get(key) for key in ("quality", "unit", "quality_source"))
+    return {row["k"]: row for row in rows or []}, unit, where
+
+
+def slimming_rows(source: Source, ks: list[int | None], speed, quality: dict) -> list[dict]:
+    costs = cost_by_k(source, ks)
+    rows = []
+    for k in ks:
+        row = {"k": k, **costs[k], "valid": quality.get(k, {}).get("valid_bpc"),
+               "test": quality.get(k, {}).get("test_bpc")}
+        for r in speed:
+            if r.k == k or k is None:
+                prefix = "batch1" if r.batch == 1 else "batch"
+                row.update({f"{prefix}_latency_ms": r.latency_ms, f"{prefix}_tokens_per_s": r.tokens_per_s,
+                            **({"batch": r.batch} if r.batch != 1 else {})})
+        rows.append(row)
+    return rows
+
+
+def export(source: Source, out: Path, args) -> dict:
+    """Write, load back, compare, time and describe; returns the slimming table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{out.name}_partial_", dir=out.parent))
+    try:
+        write_export(source, staging, args.k)
+        exported = load_exported(staging)
+        layers = moe_layers_of(source.model)
+        all_ks = list(range(1, layers[0].num_experts + 1)) if layers else [None]
+        k = exported.top_k if layers else None
+        difference = check_outputs(source, exported, all_ks)
+        log.info(f"the export loads with transformers and matches smoe at every k ({', '.join(map(str, all_ks))}): "
+                 f"largest difference {difference:.1e}")
+        if layers:
+            set_top_k(source.model, k)
+            exported.set_top_k(k)
+        ks = args.ks or (default_ks(layers[0].num_experts) if layers else [None])
+        speed = measure(exported, ks, sorted({1, args.batch}), args.length, args.repeats)
+        quality, unit, quality_source = quality_by_k(source, args.eval_json)
+        table = {"family": source.family, "head": source.head, "unit": unit or ("BPC" if source.family ==
+                 "transformer-xl" else "bits/token"), "quality_source": quality_source,
+                 "device": device_name(exported.device), "torch": torch.__version__, "dtype": "fp32",
+                 "length": args.length, "max_difference": difference, "num_experts_per_tok": k,
+                 "rows": slimming_rows(source, ks, speed, quality)}
+        write_atomic(staging / SLIMMING_FILE, json.dumps(table, indent=2))
+        write_atomic(staging / "README.md", model_card(source, exported.config, table, out.name))
+        if out.exists():
+            out.rmdir()  # empty: checked before anything was written
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return table
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty directory: export into a new directory")
+    for name in ("batch", "length", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} ({getattr(args, name)}) must be at least 1")
+    if args.eval_json and not Path(args.eval_json).is_file():
+        raise FileNotFoundError(f"--eval-json {args.eval_json} does not exist: write one with "
+                                "`smoe eval RUN --json FILE`")
+    source = read_source(Path(args.source))
+    args.ks = parse_ks(args.ks, "--ks") if args.ks else None
+    table = export(source, out, args)
+    log.info(f"wrote {out}: {source.family} {source.head}, {len(table['rows'])} k(s) in the card; load it with "
+             f"{source.auto_class}.from_pretrained('{out}', trust_remote_code=True)")

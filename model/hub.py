@@ -1,0 +1,173 @@
+"""The models `smoe export` writes: transformers classes over the torch-only pieces of smoe.
+
+Only torch, transformers and the modules that `smoe export` copies beside this one into a
+single ``modeling_smoe.py`` are imported (:mod:`smoe.launcher.export.bundle`), so an exported
+directory loads with ``trust_remote_code=True`` where neither smoe nor DeepSpeed is installed.
+
+k is ``num_experts_per_tok``, the name transformers' MoE models use: pass it to
+``from_pretrained`` to load the model at that k, or call ``model.set_top_k(k)`` later. The
+routers are the training's own classes with their saved weights (a random frozen or a
+learned projection, or a hash table), and the layer combines as it trained
+(``combine_scale``), so every k gives what smoe gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import (BertConfig, BertForMaskedLM, BertForMultipleChoice, BertForSequenceClassification,
+                          PretrainedConfig, PreTrainedModel, RobertaConfig, RobertaForMaskedLM,
+                          RobertaForMultipleChoice, RobertaForSequenceClassification)
+from transformers.utils import ModelOutput
+
+from smoe.model.encoder import install_blocks, with_blocks
+from smoe.model.mixture import ExpertMixture, PlainFeedForward
+from smoe.model.mlp import MLP
+from smoe.model.transformer_xl import PositionalEmbedding, TransformerXL, TransformerXLConfig, lm_loss
+from smoe.routing import RouterOptions, build_router
+
+
+class SlimmableFields(PretrainedConfig):
+    """The feed-forward fields every exported config has (transformers makes config classes dataclasses)."""
+
+    num_experts: int = 16  # per layer with experts
+    num_experts_per_tok: int = 1  # k: any of 1..num_experts
+    router: str = "random-frozen"  # random-frozen, learned or hash
+    router_options: dict | None = None
+    expert_layers: list | None = None  # the layers with experts (the others keep a dense MLP); None: every layer
+    combine_scale: float = 1.0  # each chosen expert's weight is the router's times this
+
+
+def check_top_k(config, k: int) -> None:
+    if not config.expert_layers and config.expert_layers is not None:
+        raise ValueError("this model is dense (no layer has experts): num_experts_per_tok does not apply")
+    if not 1 <= k <= config.num_experts:
+        raise ValueError(f"num_experts_per_tok={k} must be between 1 and the model's num_experts "
+                         f"({config.num_experts})")
+
+
+def feedforward_blocks(config, d_model: int, d_ff: int, activation: str, n_layer: int) -> Callable[[int], nn.Module]:
+    """``make_ffn(layer)``: an :class:`ExpertMixture` at k = ``num_experts_per_tok`` in the expert
+    layers, a dense MLP elsewhere. Weights are placeholders until the saved ones are loaded."""
+    experts = set(range(n_layer) if config.expert_layers is None else config.expert_layers)
+    if experts:
+        check_top_k(config, config.num_experts_per_tok)
+
+    def make_ffn(layer: int) -> nn.Module:
+        if layer not in experts:
+            return PlainFeedForward(MLP(d_model, d_ff, activation))
+        n = config.num_experts
+        router = build_router(config.router, RouterOptions(**(config.router_options or {})), d_model=d_model,
+                              num_experts=n, k=config.num_experts_per_tok, seed=0, vocab_size=config.vocab_size)
+        return ExpertMixture(router, [MLP(d_model, d_ff // n, activation) for _ in range(n)], config.combine_scale)
+
+    return make_ffn
+
+
+class SelfSlimming:
+    """``set_top_k(k)``: every expert layer to k experts per token, kept in the config (so
+    ``save_pretrained`` keeps it)."""
+
+    @property
+    def top_k(self) -> int:
+        return self.config.num_experts_per_tok
+
+    def set_top_k(self, k: int) -> None:
+        check_top_k(self.config, k)
+        for module in self.modules():
+            if isinstance(module, ExpertMixture):
+                module.set_top_k(k)
+        self.config.num_experts_per_tok = int(k)
+
+
+# --- Transformer-XL -------------------------------------------------------------------------------
+
+class SMoETransformerXLConfig(SlimmableFields):
+    model_type = "smoe-dropout-transformer-xl"
+
+    vocab_size: int = 256
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 8
+    d_head: int = 64
+    d_ff: int = 8192
+    activation: str = "relu"
+    dropout: float = 0.1
+    dropatt: float = 0.0
+    tgt_len: int = 128  # the segment length the run evaluated with; forward takes any
+    mem_len: int = 512  # the memory kept, as the run evaluated (a longer one for segments shorter than training's)
+    clamp_len: int = -1
+    same_length: bool = False
+
+    def transformer_xl(self) -> TransformerXLConfig:
+        return TransformerXLConfig(vocab_size=self.vocab_size, n_layer=self.n_layer, d_model=self.d_model,
+                                   n_head=self.n_head, d_head=self.d_head, d_ff=self.d_ff, dropout=self.dropout,
+                                   dropatt=self.dropatt, tgt_len=self.tgt_len, mem_len=self.mem_len,
+                                   clamp_len=self.clamp_len, same_length=self.same_length)
+
+
+@dataclass
+class TransformerXLLMOutput(ModelOutput):
+    """``logits`` (B, T, V); ``mems``: pass them with the next segment to continue the text."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    mems: list[torch.Tensor] | None = None
+
+
+class SMoETransformerXLForCausalLM(SelfSlimming, PreTrainedModel):
+    """A byte-level Transformer-XL. ``labels`` are the inputs (shifted inside, transformers'
+    convention); the memory of the previous segment goes in as ``mems``."""
+
+    config_class = SMoETransformerXLConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: SMoETransformerXLConfig):
+        super().__init__(config)
+        self.transformer = TransformerXL(config.transformer_xl(), feedforward_blocks(
+            config, config.d_model, config.d_ff, config.activation, config.n_layer))
+        self.post_init()
+
+    def _init_weights(self, module):
+        """Every weight is in the saved file; only the position embedding's frequencies, which are not
+        saved, are computed again (transformers builds the model on the meta device)."""
+        if isinstance(module, PositionalEmbedding):
+            module.inv_freq.copy_(module.frequencies())
+
+    def forward(self, input_ids: torch.Tensor, mems: list[torch.Tensor] | None = None,
+                labels: torch.Tensor | None = None, **kwargs) -> TransformerXLLMOutput:
+        out = self.transformer(input_ids, mems)
+        loss = None if labels is None else lm_loss(out.logits[:, :-1], labels[:, 1:])
+        return TransformerXLLMOutput(loss=loss, logits=out.logits, mems=out.mems)
+
+
+# --- BERT and RoBERTa -----------------------------------------------------------------------------
+
+class SMoEBertConfig(SlimmableFields, BertConfig):
+    model_type = "smoe-dropout-bert"
+
+
+class SMoERobertaConfig(SlimmableFields, RobertaConfig):
+    model_type = "smoe-dropout-roberta"
+
+
+def install_slimmable_blocks(model: nn.Module) -> None:
+    config = model.config
+    install_blocks(model, feedforward_blocks(config, config.hidden_size, config.intermediate_size, "gelu",
+                                             config.num_hidden_layers))
+
+
+def _slimmable(base: type, config_class: type) -> type:
+    return with_blocks(base, config_class, install_slimmable_blocks, __name__, mixins=(SelfSlimming,))
+
+
+SMoEBertForMaskedLM = _slimmable(BertForMaskedLM, SMoEBertConfig)
+SMoEBertForSequenceClassification = _slimmable(BertForSequenceClassification, SMoEBertConfig)
+SMoEBertForMultipleChoice = _slimmable(BertForMultipleChoice, SMoEBertConfig)
+SMoERobertaForMaskedLM = _slimmable(RobertaForMaskedLM, SMoERobertaConfig)
+SMoERobertaForSequenceClassification = _slimmable(RobertaForSequenceClassification, SMoERobertaConfig)
+SMoERobertaForMultipleChoice = _slimmable(RobertaForMultipleChoice, SMoERobertaConfig)
