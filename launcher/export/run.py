@@ -172,6 +172,17 @@ def slimming_rows(source: Source, ks: list[int | None], speed, quality: dict) ->
     return rows
 
 
+def unit_of(family: str) -> str:
+    """What the family's quality is measured in (its ``Family.unit``)."""
+    from smoe.launcher.families import TransformerXLFamily
+
+    if family == TransformerXLFamily.name:
+        return TransformerXLFamily.unit
+    from smoe.launcher.families.masked_lm import MaskedLMFamily
+
+    return MaskedLMFamily.unit
+
+
 def export(source: Source, out: Path, args) -> dict:
     """Write, load back, compare, time and describe; returns the slimming table."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,13 +199,12 @@ def export(source: Source, out: Path, args) -> dict:
         if layers:
             set_top_k(source.model, k)
             exported.set_top_k(k)
-        ks = args.ks or (default_ks(layers[0].num_experts) if layers else [None])
+        ks = (args.ks or default_ks(layers[0].num_experts)) if layers else [None]  # dense: one row
         speed = measure(exported, ks, sorted({1, args.batch}), args.length, args.repeats)
         quality, unit, quality_source = quality_by_k(source, args.eval_json)
-        table = {"family": source.family, "head": source.head, "unit": unit or ("BPC" if source.family ==
-                 "transformer-xl" else "bits/token"), "quality_source": quality_source,
-                 "device": device_name(exported.device), "torch": torch.__version__, "dtype": "fp32",
-                 "length": args.length, "max_difference": difference, "num_experts_per_tok": k,
+        table = {"family": source.family, "head": source.head, "unit": unit or unit_of(source.family),
+                 "quality_source": quality_source, "device": device_name(exported.device), "torch": torch.__version__,
+                 "dtype": "fp32", "length": args.length, "max_difference": difference, "num_experts_per_tok": k,
                  "rows": slimming_rows(source, ks, speed, quality)}
         write_atomic(staging / SLIMMING_FILE, json.dumps(table, indent=2))
         write_atomic(staging / "README.md", model_card(source, exported.config, table, out.name))

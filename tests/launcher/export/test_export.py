@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from runs import SMALL, SMALL_MLM
-from smoe.launcher.bench.infer import SLIMMING_FILE, best_k
+from smoe.launcher.bench.infer import SLIMMING_FILE, best_k, load_exported
 from smoe.launcher.checkpoints.consolidate import consolidate, load_consolidated, save_consolidated
 from smoe.launcher.cli import main
 from smoe.launcher.config import TrainConfig, parse_override
@@ -94,7 +94,8 @@ def exports(tmp_path_factory, layout_runs, bert_run, bert_slim):
                        "segments": segments}
 
     for router, method in ROUTERS.items():  # Transformer-XL: consolidated files of fresh models
-        config = config_of([*SMALL, f"method={method}"])
+        layers = "every-2" if router == "hash" else "all"  # experts in layer 1 only: layer 0 stays dense
+        config = config_of([*SMALL, f"method={method}", f"moe_layers={layers}"])
         family = family_of(config)
         model = family.build(config)
         file = save_consolidated(model, config, root / f"txl-{router}.safetensors", **family.metadata())
@@ -219,3 +220,16 @@ def test_export_refuses_what_it_cannot_write_and_leaves_nothing_behind(exports, 
     assert main(["export", str(source), str(tmp_path / "out"), "--k", "9"]) == 2
     assert "num_experts_per_tok=9 must be between 1 and the model's num_experts (4)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "thor.safetensors"]  # no partial directory
+
+
+def test_a_dense_model_exports_with_one_row_and_no_k(tmp_path):
+    config = config_of([*SMALL, "method=dense-concrete"])
+    family = family_of(config)
+    file = save_consolidated(family.build(config), config, tmp_path / "dense.safetensors")
+    out = export(file, tmp_path / "dense")
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["expert_layers"] == [] and exported["architectures"] == ["SMoETransformerXLForCausalLM"]
+    assert [row["k"] for row in json.loads((out / SLIMMING_FILE).read_text())["rows"]] == [None]
+    model = load_exported(out)
+    with pytest.raises(ValueError, match="this model is dense"):
+        model.set_top_k(2)

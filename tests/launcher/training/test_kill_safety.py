@@ -84,7 +84,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_run(corpus
     random.seed(1234 + ranks)
     straight = tmp_path / "straight"
     reference = subprocess.run(command(straight, corpus, ranks), capture_output=True, text=True,
-                               env={**os.environ, **CPU_ENV})
+                               env={**os.environ, **CPU_ENV}, timeout=300)
     assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-3000:]
 
     out, log = tmp_path / "killed", tmp_path / "killed.log"
@@ -93,7 +93,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_run(corpus
         after = max(last_logged_step(log) if log.exists() else 0, 1) + random.randint(0, 4)
         hits.append(run_and_kill(command(out, corpus, ranks), out, log, when, min(after, STEPS - 2)))
     finished = subprocess.run(command(out, corpus, ranks), capture_output=True, text=True,
-                              env={**os.environ, **CPU_ENV})
+                              env={**os.environ, **CPU_ENV}, timeout=300)
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
     assert "a save" in hits and "a step" in hits, hits  # both kinds of moment were hit
 
