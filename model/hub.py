@@ -42,6 +42,7 @@ class SlimmableFields(PretrainedConfig):
 
 
 def check_top_k(config, k: int) -> None:
+    """Refuse a k outside 1..num_experts, and any k for a dense model."""
     if not config.expert_layers and config.expert_layers is not None:
         raise ValueError("this model is dense (no layer has experts): num_experts_per_tok does not apply")
     if not 1 <= k <= config.num_experts:
@@ -49,7 +50,7 @@ def check_top_k(config, k: int) -> None:
                          f"({config.num_experts})")
 
 
-def feedforward_blocks(config, d_model: int, d_ff: int, activation: str, n_layer: int) -> Callable[[int], nn.Module]:
+def block_factory(config, d_model: int, d_ff: int, activation: str, n_layer: int) -> Callable[[int], nn.Module]:
     """``make_ffn(layer)``: an :class:`ExpertMixture` at k = ``num_experts_per_tok`` in the expert
     layers, a dense MLP elsewhere. Weights are placeholders until the saved ones are loaded."""
     experts = set(range(n_layer) if config.expert_layers is None else config.expert_layers)
@@ -128,7 +129,7 @@ class SMoETransformerXLForCausalLM(SelfSlimming, PreTrainedModel):
 
     def __init__(self, config: SMoETransformerXLConfig):
         super().__init__(config)
-        self.transformer = TransformerXL(config.transformer_xl(), feedforward_blocks(
+        self.transformer = TransformerXL(config.transformer_xl(), block_factory(
             config, config.d_model, config.d_ff, config.activation, config.n_layer))
         self.post_init()
 
@@ -157,8 +158,8 @@ class SMoERobertaConfig(SlimmableFields, RobertaConfig):
 
 def install_slimmable_blocks(model: nn.Module) -> None:
     config = model.config
-    install_blocks(model, feedforward_blocks(config, config.hidden_size, config.intermediate_size, "gelu",
-                                             config.num_hidden_layers))
+    install_blocks(model, block_factory(config, config.hidden_size, config.intermediate_size, "gelu",
+                                        config.num_hidden_layers))
 
 
 def _slimmable(base: type, config_class: type) -> type:

@@ -16,7 +16,7 @@ from torch import nn
 
 from smoe.launcher.config import TrainConfig
 from smoe.model.dense import DenseFFN
-from smoe.model.moe import SMoE, moe_layers_of, top_k_of
+from smoe.model.moe import SMoE, moe_layers_of, set_top_k, top_k_of
 
 EXPORTABLE_ROUTERS = ("random-frozen", "learned", "hash")  # deterministic routes: the same at every call
 # A transformers architecture of ours -> the head it has.
@@ -37,7 +37,7 @@ class Source:
     """A model to export and what is known of it."""
 
     path: Path
-    kind: str  # "run", "slim", "fine-tuned" or "consolidated"
+    kind: str  # "run", "slim", "fine-tuned", "model directory" (`smoe convert`) or "consolidated"
     family: str  # "transformer-xl", "bert" or "roberta"
     head: str  # "causal-lm", "masked-lm", "sequence-classification" or "multiple-choice"
     model: nn.Module  # smoe's, eval mode, CPU, ep_size 1
@@ -91,11 +91,8 @@ def _from_run(root: Path) -> Source:
     model.load_state_dict(full_state_dict(run.checkpoints / tag))
     step = tag_step(tag)
     if moe_layers_of(model):
-        from smoe.model.moe import set_top_k
-
         set_top_k(model, config.k_schedule()(step))  # the k the checkpoint was trained at
-    facts = {"checkpoint": tag, "step": step, "data": config.data_file or config.data_dir or
-             ", ".join(config.data_files) or config.dataset or "-"}
+    facts = {"checkpoint": tag, "step": step, "data": _data_of(config)}
     if run.eval.is_file():
         report = json.loads(run.eval.read_text())
         if report.get("step") == step:  # the sweep at the end of training, of this very checkpoint
@@ -108,6 +105,10 @@ def _head_of(config: TrainConfig) -> str:
     return "masked-lm" if config.masked_lm else "causal-lm"
 
 
+def _data_of(config: TrainConfig) -> str:
+    return config.data_file or config.data_dir or ", ".join(config.data_files) or config.dataset or "-"
+
+
 def _from_consolidated(file: Path) -> Source:
     from smoe.launcher.checkpoints.consolidate import load_consolidated
 
@@ -117,7 +118,7 @@ def _from_consolidated(file: Path) -> Source:
     config, model = load_consolidated(file)
     slim = file.parent / "slim.json"
     kind = "slim" if slim.is_file() else "consolidated"
-    facts = {"data": config.data_file or config.data_dir or ", ".join(config.data_files) or config.dataset or "-"}
+    facts = {"data": _data_of(config)}
     if slim.is_file():
         facts["slim"] = {key: value for key, value in json.loads(slim.read_text()).items() if key != "counts"}
     return Source(file, kind, config.model, _head_of(config), model, config, None, facts)
@@ -144,7 +145,7 @@ def _from_transformers_dir(directory: Path) -> Source:
         if (directory / name).is_file():
             facts[kind] = json.loads((directory / name).read_text())
             facts[kind].pop("counts", None)
-    kind = "fine-tuned" if "fine-tuned" in facts else "slim"
+    kind = next((kind for kind in ("fine-tuned", "slim") if kind in facts), "model directory")
     return Source(directory, kind, family, head, model, None, tokenizer, facts)
 
 
@@ -170,17 +171,17 @@ def exported_config(source: Source, modeling) -> object:
     fields = feedforward_fields(source.model)
     if source.family == "transformer-xl":
         txl, run = source.model.config, source.config
-        activation = feedforward_blocks(source.model)[0]
-        activation = (activation.local_experts[0] if isinstance(activation, SMoE) else activation.mlp).activation_name
+        first = feedforward_blocks(source.model)[0]
+        activation = (first.local_experts[0] if isinstance(first, SMoE) else first.mlp).activation_name
         values = dict(vocab_size=txl.vocab_size, n_layer=txl.n_layer, d_model=txl.d_model, n_head=txl.n_head,
                       d_head=txl.d_head, d_ff=txl.d_ff, activation=activation, dropout=txl.dropout,
                       dropatt=txl.dropatt, tgt_len=run.eval_tgt_len, mem_len=run.eval_mem_len,
                       clamp_len=txl.clamp_len, same_length=txl.same_length)
     else:
-        values = source.model.config.to_dict()
-        for name in ("model_type", "architectures", "auto_map", "transformers_version", "method", "top_k",
-                     "moe_layers", "ep_size", "dropblock_size", "dispatch", "router_seed", *fields,
-                     "router", "router_options", "combine_scale"):
+        from smoe.model.bert import SMoEFields
+
+        values = source.model.config.to_dict()  # transformers' BERT/RoBERTa fields, less smoe's own
+        for name in (*SMoEFields.__annotations__, "model_type", "architectures", "auto_map", "transformers_version"):
             values.pop(name, None)
     return getattr(modeling, CONFIG_CLASSES[source.family])(**values, **fields)
 

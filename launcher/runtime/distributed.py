@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
 from smoe.launcher.runtime import slurm
+
+SHARED_MEMORY = Path("/dev/shm")
 
 
 def free_port() -> int:
@@ -66,7 +69,30 @@ def init_distributed() -> tuple[int, int]:
     # start on cuda:0. (mpirun's LOCAL_RANK is only known once DeepSpeed has joined the group.)
     # Afterwards the engine's `device` is the one source of truth.
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    release_shared_memory_name()
     return dist.get_rank(), dist.get_world_size()
+
+
+def shared_memory_buffer(rank: int, environ=os.environ) -> Path:
+    """Where DeepSpeed's CPU all-reduce keeps this rank's buffer (``ops/csrc/cpu/comm/shm.cpp``)."""
+    return SHARED_MEMORY / (f"deepspeed_allreduce_buffer_{os.getuid()}_{environ.get('MASTER_ADDR', '')}_"
+                            f"{environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shared_memory_name() -> None:
+    """DeepSpeed's CPU all-reduce gives each rank of a one-machine group (``LOCAL_SIZE`` = world, as
+    its launcher sets) a 66 MB shared-memory buffer that every rank maps, and never removes their
+    names: each run left them in /dev/shm, in RAM, after any exit, until the machine rebooted. Once
+    every rank has mapped every buffer (DeepSpeed's init does, and the barrier waits for all ranks),
+    each rank removes its own name; the memory stays mapped while the ranks run and is freed when the
+    last of them exits, however it exits."""
+    import deepspeed.comm as dist
+
+    world = dist.get_world_size()
+    if world == 1 or os.environ.get("LOCAL_SIZE") != str(world):  # DeepSpeed's own test: no buffer then
+        return
+    dist.barrier()
+    shared_memory_buffer(dist.get_rank()).unlink(missing_ok=True)
 
 
 def any_rank(flag: bool) -> bool:

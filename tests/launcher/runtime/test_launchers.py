@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from smoe.launcher.runtime.distributed import free_port
+from smoe.launcher.runtime.distributed import free_port, shared_memory_buffer
 from smoe.launcher.runtime.slurm import in_slurm_step, rank_env
 
 from runs import SMALL, run, smoe
@@ -27,11 +27,14 @@ def check_two_expert_parallel_ranks(out, stdout: str) -> None:
 def test_deepspeed_launcher_bf16_zero2_with_gradient_accumulation(corpus, tmp_path):
     """The multi-node template's settings (bf16, ZeRO stage 2) with experts on 2 ranks and
     2 micro-batches per step: 32 = micro 8 x 2 x 2 ranks, as its JSON asks."""
-    out = tmp_path / "ep2"
-    result = run(["deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "smoe.launcher.cli",
+    out, port = tmp_path / "ep2", free_port()
+    result = run(["deepspeed", "--num_gpus", "2", "--master_port", port, "--module", "smoe.launcher.cli",
                   "train", "--out", out, "--data-file", corpus, *TWO_RANKS, "ds_config=multinode-bf16",
                   "batch_size=32", "grad_accum=2"])
     check_two_expert_parallel_ranks(out, result.stdout)
+    # DeepSpeed's CPU all-reduce buffers (66 MB of RAM per rank) are gone with the ranks.
+    environ = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    assert not [rank for rank in (0, 1) if shared_memory_buffer(rank, environ).exists()]
     assert sorted(p.name for p in (out / "checkpoints" / "step000004").glob("*optim_states.pt")) == [
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     # experts are loaded by global id: the 2-rank run evaluates the same on one process
