@@ -8,7 +8,8 @@ Four ways to compute the same thing:
   every expert once on its contiguous rows. Work is exactly T*K rows, so the cost
   scales with k, with no capacity padding and no dropped token.
 * :func:`grouped_combine`: the sorted path with all experts as one grouped GEMM per
-  projection (``torch.nn.functional.grouped_mm``): no per-expert loop and no host sync.
+  projection (``torch.nn.functional.grouped_mm``): no per-expert loop and no host sync where
+  grouped_mm runs as one kernel (:func:`groupable`), and each expert's bias gradient summed in fp32.
 * :func:`masked_dense_combine`: near k = N nearly every expert sees every token, so
   run every expert on every token and multiply its hidden units by its gate weight
   (zero where it is not selected): no gather, no scatter, no (T*K, D) copies, and the
@@ -82,15 +83,44 @@ def sorted_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
     return routed_experts(experts, x_TD, assignments.token_A, assignments.weight_A, assignments.counts_N.tolist())
 
 
+# Compute capability majors where torch's grouped_mm runs its CUTLASS kernel on CUDA (bf16 only;
+# torch's _grouped_mm_cuda, from _scaled_mm_allowed_device(sm90_only, sm100_only)). Elsewhere, sm80-sm89
+# and sm120 included, it takes _grouped_mm_fallback: the offsets copied to the host and one matmul per
+# expert, a host sync in every layer.
+GROUPED_MM_CUDA_MAJORS = (9, 10)
+
+
 def groupable(experts, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
-    """Whether grouped_mm takes these experts: on the CPU fp32 or bf16, on CUDA bf16 from sm80;
-    every row a multiple of 16 bytes."""
+    """Whether grouped_mm runs these experts as one kernel per projection with no host sync: on
+    the CPU in fp32 or bf16, on CUDA in bf16 at a compute capability of :data:`GROUPED_MM_CUDA_MAJORS`
+    (not ROCm); every row a multiple of 16 bytes."""
     device = torch.device(device)
     if device.type == "cuda":
-        supported = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+        supported = (dtype == torch.bfloat16 and torch.version.hip is None
+                     and torch.cuda.get_device_capability(device)[0] in GROUPED_MM_CUDA_MAJORS)
     else:
         supported = dtype in (torch.float32, torch.bfloat16)
     return supported and all(n * dtype.itemsize % 16 == 0 for n in experts[0].fc1.weight.shape)
+
+
+class ExpertBias(torch.autograd.Function):
+    """Each row plus its expert's bias: y_AH + bias_NH[expert_A]. Autograd's own way back through
+    the indexing adds the rows into the bias gradient one at a time in the bias's dtype, which in
+    bf16 loses nearly everything once an expert has thousands of rows; here each expert's rows are
+    summed in fp32 on the device (no host sync; a transient fp32 copy of the rows' gradient) and cast
+    once, as ``.sum(0)`` does on the other paths."""
+
+    @staticmethod
+    def forward(ctx, y_AH, bias_NH, expert_A):
+        ctx.save_for_backward(expert_A)
+        ctx.bias_shape, ctx.bias_dtype = bias_NH.shape, bias_NH.dtype
+        return y_AH + bias_NH[expert_A]
+
+    @staticmethod
+    def backward(ctx, grad_AH):
+        (expert_A,) = ctx.saved_tensors
+        grad_NH = grad_AH.new_zeros(ctx.bias_shape, dtype=torch.float32).index_add_(0, expert_A, grad_AH.float())
+        return grad_AH, grad_NH.to(ctx.bias_dtype), None
 
 
 def run_experts_grouped(experts, x_AD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -104,9 +134,9 @@ def run_experts_grouped(experts, x_AD: torch.Tensor, counts: torch.Tensor) -> to
                                        output_size=x_AD.shape[0])
     w1_NHD, b1_NH, w2_NDH, b2_ND = (torch.stack(tensors) for tensors in zip(
         *((e.fc1.weight, e.fc1.bias, e.fc2.weight, e.fc2.bias) for e in experts)))
-    h_AH = F.grouped_mm(x_AD, w1_NHD.transpose(-2, -1), offs=ends) + b1_NH[expert_A]
+    h_AH = ExpertBias.apply(F.grouped_mm(x_AD, w1_NHD.transpose(-2, -1), offs=ends), b1_NH, expert_A)
     h_AH = first.dropout(first.act(h_AH))
-    return F.grouped_mm(h_AH, w2_NDH.transpose(-2, -1), offs=ends) + b2_ND[expert_A]
+    return ExpertBias.apply(F.grouped_mm(h_AH, w2_NDH.transpose(-2, -1), offs=ends), b2_ND, expert_A)
 
 
 def grouped_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
