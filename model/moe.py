@@ -28,7 +28,7 @@ from deepspeed.moe.sharded_moe import MOELayer
 from deepspeed.utils import groups
 from torch import nn
 
-from smoe.model.dispatch import COMBINES, default_path, groupable, scaled
+from smoe.model.dispatch import COMBINES, GROUPED_MM_CUDA_MAJORS, default_path, groupable, scaled
 from smoe.model.expert_parallel import expert_parallel_combine
 from smoe.model.mlp import ACTIVATIONS, MLP
 from smoe.routing import ROUTERS, RouterOptions, build_router
@@ -105,13 +105,20 @@ class ExpertDispatcher(MOELayer):
 
     def path(self) -> str:
         """Which dispatch runs at the current k: ``auto`` takes the fastest measured at this k
-        (:func:`smoe.model.autotune.autotune_dispatch`), else masked-dense from k >= 0.875 N."""
+        (:func:`smoe.model.autotune.autotune_dispatch`), else masked-dense from k >= 0.875 N. A
+        measured ``grouped`` that the experts' dtype or device cannot run (timed in bf16 on an H100,
+        evaluated in fp32) takes the rule too: only an explicit ``dispatch=grouped`` refuses."""
         if self.ep_size > 1:
             return "expert-parallel"
         if self.dispatch != "auto":
             return self.dispatch
         k = self.gate.top_k
-        return self.auto_paths.get(k) or default_path(k, self.num_experts)
+        measured = self.auto_paths.get(k)
+        if measured == "grouped":
+            experts = list(self.experts.deepspeed_experts)
+            weight = experts[0].fc1.weight
+            measured = measured if groupable(experts, weight.dtype, weight.device) else None
+        return measured or default_path(k, self.num_experts)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         x_TD = x.reshape(-1, x.shape[-1])
@@ -127,10 +134,15 @@ class ExpertDispatcher(MOELayer):
             y_TD = expert_parallel_combine(experts, x_TD, routes, self.num_experts, self.ep_group, self.ep_rank)
         else:
             if path == "grouped" and not groupable(experts, x_TD.dtype, x_TD.device):
-                raise ValueError(f"dispatch 'grouped' needs fp32 or bf16 on the CPU, bf16 on a CUDA GPU from sm80, and "
-                                 f"expert widths (d_model {x_TD.shape[1]}, d_ff / num_experts "
-                                 f"{experts[0].fc1.out_features}) of 16-byte multiples; this is {x_TD.dtype} on "
-                                 f"{x_TD.device.type}: use dispatch=sorted or dispatch=auto")
+                here = f"{x_TD.dtype} on {x_TD.device.type}"
+                if x_TD.is_cuda:
+                    here += " (compute capability {}.{})".format(*torch.cuda.get_device_capability(x_TD.device))
+                majors = " or ".join(f"{major}.x" for major in GROUPED_MM_CUDA_MAJORS)
+                raise ValueError(f"dispatch 'grouped' needs fp32 or bf16 on the CPU, or bf16 on a CUDA GPU of compute "
+                                 f"capability {majors} (H100, H200, B200; elsewhere torch's grouped_mm copies the "
+                                 f"offsets to the host and loops over the experts), and expert widths (d_model "
+                                 f"{x_TD.shape[1]}, d_ff / num_experts {experts[0].fc1.out_features}) of 16-byte "
+                                 f"multiples; this is {here}: use dispatch=sorted or dispatch=auto")
             y_TD = COMBINES[path](experts, x_TD, routes)
         return y_TD.reshape(x.shape)
 

@@ -22,9 +22,22 @@ def test_grouped_is_a_candidate_only_where_grouped_mm_takes_the_shapes():
     narrow = SMoE(replace(CFG, d_model=6, d_ff=96))  # rows of 24 bytes
     assert candidates(narrow, torch.float32) == ["sorted", "masked-dense"]
     narrow.deepspeed_moe.dispatch = "grouped"
-    with pytest.raises(ValueError, match=r"dispatch 'grouped' needs .* expert widths \(d_model 6, d_ff / num_experts 6\)"):
+    with pytest.raises(ValueError, match=r"dispatch 'grouped' needs fp32 or bf16 on the CPU, or bf16 on a CUDA GPU of "
+                                         r"compute capability 9.x or 10.x .* expert widths \(d_model 6, d_ff / num_experts 6\)"):
         narrow(torch.randn(4, 6))
 
+
+@pytest.mark.parametrize("capability, grouped", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True),
+                                                 ((12, 0), False)], ids=["sm80", "sm89", "sm90", "sm100", "sm120"])
+def test_grouped_is_a_cuda_candidate_only_where_grouped_mm_runs_one_kernel(monkeypatch, capability, grouped):
+    """torch's grouped_mm runs its kernel in bf16 on compute capability 9.x and 10.x only; elsewhere (A100,
+    L40, RTX 50xx at 12.0) it copies the offsets to the host and runs one matmul per expert."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    layer = SMoE(CFG)
+    assert ("grouped" in candidates(layer, torch.bfloat16, "cuda")) == grouped
+    assert "grouped" not in candidates(layer, torch.float32, "cuda")
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm reports MI300 as 9.4 and takes the fallback
+    assert "grouped" not in candidates(layer, torch.bfloat16, "cuda")
 
 def test_timing_draws_nothing_from_the_run_and_the_layer_follows_the_choices():
     layer = SMoE(replace(CFG, router="random"))  # a router with its own generator

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from smoe.model import MLP, DenseConfig, DenseFFN, MoEConfig, SMoE, modularize, optimizer_param_groups
+from smoe.model.autotune import set_auto_paths
 from smoe.model.dense import ConcreteDropout, DropBlock1d
 from smoe.routing import ROUTERS
 
@@ -138,6 +139,24 @@ def test_auto_dispatch_switches_to_masked_dense_near_k_equals_n():
     assert paths[1] == "sorted" and paths[16] == "masked-dense"
     assert list(paths.values()) == sorted(paths.values(), key=lambda p: p == "masked-dense")
 
+
+
+def test_a_timed_grouped_that_the_dtype_cannot_run_falls_back_to_the_rule_and_only_an_explicit_one_refuses():
+    """`auto` is timed in one dtype and read back from RUN/dispatch.json in another (trained in bf16 on
+    an H100, evaluated in fp32; here the reverse on the CPU): 4 expert columns are 16 bytes in fp32 and
+    8 in bf16, which grouped_mm does not take."""
+    layer = SMoE(replace(CFG, d_ff=64))  # 16 experts of 4 columns
+    set_auto_paths(layer, {1: "grouped"})
+    x, _ = batch()
+    assert layer.deepspeed_moe.path() == "grouped"
+    fp32 = layer(x)[0]
+    layer.to(torch.bfloat16)
+    assert layer.deepspeed_moe.path() == "sorted"
+    torch.testing.assert_close(layer(x.bfloat16())[0].float(), fp32, rtol=0.02, atol=0.02)
+    layer.deepspeed_moe.dispatch = "grouped"
+    with pytest.raises(ValueError, match=r"dispatch 'grouped' needs .* this is torch.bfloat16 on cpu: use "
+                                         r"dispatch=sorted or dispatch=auto"):
+        layer(x.bfloat16())
 
 def test_output_scale_does_not_jump_when_k_goes_from_1_to_2():
     layer = SMoE(replace(CFG, d_model=64, d_ff=1024)).eval()
