@@ -1,9 +1,11 @@
 """Loading a checkpoint: checked file by file first, then exactly resumed or resharded.
 
 Every loader (``--resume``, `smoe eval`, `smoe slim`, `smoe ckpt consolidate`) goes through
-:func:`loadable_tag`: the checkpoint ``latest`` names is checked file by file (present,
-readable, the model's tensor names and shapes) before anything is loaded, and when it is
-damaged the newest complete older one is used instead, with a note; nothing is deleted.
+:func:`loadable_tag`: the checkpoint ``latest`` names is checked file by file (against its
+manifest's sizes and checksums, then present, readable, the model's tensor names and shapes)
+before anything is loaded, and when it is damaged the newest complete older one is used
+instead, with a note; so is the newest complete one when ``latest`` itself is missing or
+damaged. Nothing is deleted.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from smoe.launcher.checkpoints import reshard, schema
+from smoe.launcher.checkpoints import manifest, reshard, schema
 from smoe.launcher.runtime import deepspeed_config
 from smoe.launcher.runtime import log
 
@@ -109,17 +111,31 @@ def _compare(file: str, saved: dict, expected: dict) -> None:
                                           f"in the file, {list(shape)} in the model")
 
 
-def check_checkpoint(tag_dir: Path, model: nn.Module, optimizer: bool = False) -> dict:
-    """Raise :class:`DamagedCheckpoint` unless every file of ``tag_dir`` that ``model`` needs is there,
-    reads back (torch.load) and holds the model's tensor names and shapes (experts by global id). With
-    ``optimizer``, the optimizer files of the saved layout must read back too (resuming needs them;
-    evaluating does not). Returns the model states (DeepSpeed's state and the client state).
+def _check_manifest(tag_dir: Path) -> None:
+    """Every file the manifest lists is there with its size and checksum (all of them, whatever this
+    loader reads: a checkpoint is damaged or not). Without a manifest (an older smoe's), nothing."""
+    try:
+        entries = manifest.read(tag_dir)
+    except ValueError as error:
+        raise DamagedCheckpoint(schema.MANIFEST, str(error)) from None
+    mismatch = entries and manifest.first_mismatch(tag_dir, entries)
+    if mismatch:
+        raise DamagedCheckpoint(*mismatch)
 
-    Each file is read here and again by whatever loads it: twice the reading, simple, and small next to
-    the training or evaluation that follows."""
+
+def check_checkpoint(tag_dir: Path, model: nn.Module, optimizer: bool = False) -> dict:
+    """Raise :class:`DamagedCheckpoint` unless every file of ``tag_dir``'s manifest has its size and
+    checksum, and every file that ``model`` needs is there, reads back (torch.load) and holds the model's
+    tensor names and shapes (experts by global id). With ``optimizer``, the optimizer files of the saved
+    layout must read back too (resuming needs them; evaluating does not). Returns the model states
+    (DeepSpeed's state and the client state).
+
+    Each file is read here (for its checksum, and once more by torch.load) and again by whatever loads
+    it: simple, and small next to the training or evaluation that follows."""
     tag_dir = Path(tag_dir)
     if not tag_dir.is_dir():
         raise DamagedCheckpoint(tag_dir.name + "/", "missing")
+    _check_manifest(tag_dir)
     if not (tag_dir / schema.MODEL_STATES).is_file():
         raise DamagedCheckpoint(schema.MODEL_STATES, "missing")
     main_state = _read(tag_dir / schema.MODEL_STATES)
@@ -143,27 +159,37 @@ def check_checkpoint(tag_dir: Path, model: nn.Module, optimizer: bool = False) -
 
 def _first_loadable(ckpt_dir: Path, model: nn.Module, optimizer: bool, verb: str) -> str:
     ckpt_dir = Path(ckpt_dir)
-    latest = schema.latest_tag(ckpt_dir)
-    if latest is None:
-        raise ValueError(f"{ckpt_dir} holds no complete checkpoint (no 'latest' file): train the run first "
-                         "(`smoe train` without --resume starts it)")
-    newest = schema.tag_step(latest)
-    older = [p.name for p in reversed(schema.step_dirs(ckpt_dir)) if p.name != latest
-             and (newest is None or schema.tag_step(p.name) < newest)]
+    first, latest_damage = schema.latest(ckpt_dir)
+    if first is None:
+        unfinished = [p.name for p in schema.step_dirs(ckpt_dir)]
+        raise ValueError(f"{ckpt_dir} holds no complete checkpoint (`latest` {latest_damage}"
+                         + (f"; {', '.join(unfinished)} {'has' if len(unfinished) == 1 else 'have'} no manifest: saves "
+                            "killed midway, or of an smoe older than manifests; to load one of the latter, write its "
+                            "name into `latest`)" if unfinished else ")")
+                         + ": train the run first (`smoe train` without --resume starts it)")
+    newest = schema.tag_step(first)
+    # Followed from `latest`: the older step directories; else only older ones whose save completed.
+    older = [p.name for p in reversed(schema.step_dirs(ckpt_dir)) if p.name != first
+             and (newest is None or schema.tag_step(p.name) < newest)
+             and (latest_damage is None or schema.completed(p))]
     damaged = []
-    for tag in [latest, *older]:
+    for tag in [first, *older]:
         try:
             check_checkpoint(ckpt_dir / tag, model, optimizer)
         except DamagedCheckpoint as error:
             damaged.append((tag, str(error)))
             continue
-        if damaged:
+        problems = ([f"`latest` {latest_damage}"] if latest_damage else []) \
+            + [f"checkpoint {t} is damaged ({why})" for t, why in damaged]
+        if problems:
             tags = [t for t, _ in damaged]
-            log.note("; ".join(f"checkpoint {t} is damaged ({why})" for t, why in damaged)
-                     + f"; {verb} {tag} instead; {', '.join(tags)} {'is' if len(tags) == 1 else 'are'} kept")
+            kept = f"; {', '.join(tags)} {'is' if len(tags) == 1 else 'are'} kept" if tags else ""
+            log.note("; ".join(problems) + f"; {verb} {tag}"
+                     + (" instead" if damaged else ", the newest checkpoint whose save completed") + kept)
         return tag
     raise ValueError(f"no checkpoint in {ckpt_dir} can be loaded; tried {', '.join(t for t, _ in damaged)}: "
                      + "; ".join(f"{t}: {why}" for t, why in damaged)
+                     + (f" (`latest` {latest_damage})" if latest_damage else "")
                      + ". Nothing was changed or deleted. Restore the damaged files from a copy, point 'latest' at a "
                        "complete step directory, or start a new run (another --out, or drop --resume)")
 

@@ -1,8 +1,9 @@
 """Saving a checkpoint through DeepSpeed's engine, crash-safe (the layout: :mod:`.schema`).
 
-Every file, DeepSpeed's included, is written under a temporary name, synced and renamed;
-``latest`` moves only once every rank's files are on disk, and older checkpoints are
-pruned only after that, never one newer than the one ``latest`` names. A write that fails
+Every file, DeepSpeed's included, is written under a temporary name, synced and renamed, and
+checksummed as it is written; once every rank's files are on disk rank 0 writes the step
+directory's manifest (:mod:`.manifest`), then moves ``latest``; older checkpoints are pruned
+only after that, never one newer than the one ``latest`` names. A write that fails
 (disk full, I/O error, no permission) stops the run with :class:`CheckpointWriteError`:
 the half-written step directory is removed, ``latest`` and the checkpoints before stay.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-from smoe.launcher.checkpoints import reshard, schema
+from smoe.launcher.checkpoints import manifest, reshard, schema
 from smoe.launcher.runtime import log
 from smoe.launcher.runtime.distributed import any_rank
 from smoe.launcher.runtime.files import write_atomic, write_through_temporary
@@ -39,28 +40,35 @@ class CheckpointWriteError(OSError):
         return self.message
 
 
-class _ErrorRecordingFile:
-    """A file for torch.save that remembers the OSError of a failed write: torch.save reports it as
+class _RecordingFile:
+    """A file for torch.save that checksums what is written (torch.save writes in order, never seeks)
+    and remembers the OSError of a failed write: torch.save reports it as
     RuntimeError('[enforce fail at inline_container.cc] unexpected pos ...'), errno and path lost."""
 
     def __init__(self, f):
-        self.f, self.error = f, None
+        self.f, self.error, self.checksum = f, None, manifest.Checksum()
 
     def write(self, data) -> int:
         try:
-            return self.f.write(data)
+            written = self.f.write(data)
         except OSError as error:
             self.error = error
             raise
+        self.checksum.update(data)
+        return written
 
     def flush(self) -> None:
         self.f.flush()
 
 
-def torch_save_atomic(state, path: Path, zipfile: bool = True) -> None:
-    """torch.save through a temporary name; a refused write raises its OSError (ENOSPC, EIO, EACCES)."""
+def torch_save_atomic(state, path: Path, zipfile: bool = True) -> dict:
+    """torch.save through a temporary name; a refused write raises its OSError (ENOSPC, EIO, EACCES).
+    Returns the file's manifest entry."""
+    recording = None
+
     def write(f):
-        recording = _ErrorRecordingFile(f)
+        nonlocal recording
+        recording = _RecordingFile(f)
         try:
             torch.save(state, recording, _use_new_zipfile_serialization=zipfile)
         except RuntimeError:
@@ -69,6 +77,7 @@ def torch_save_atomic(state, path: Path, zipfile: bool = True) -> None:
             raise
 
     write_through_temporary(path, write)
+    return recording.checksum.entry()
 
 
 def rank_state(engine, mems: list[torch.Tensor] | None) -> dict:
@@ -88,18 +97,25 @@ def rank_state(engine, mems: list[torch.Tensor] | None) -> dict:
 class _Writes:
     """While DeepSpeed saves: its file writes go through :func:`torch_save_atomic`, and the first one
     that fails is recorded instead of raised. DeepSpeed's save has collectives (barriers) inside, so
-    a rank must not leave it early; once a write failed, the rank writes nothing more."""
+    a rank must not leave it early; once a write failed, the rank writes nothing more. ``entries``:
+    the manifest entries of the files this rank wrote into ``tag_dir``."""
 
-    def __init__(self):
+    def __init__(self, tag_dir: Path):
+        self.tag_dir = tag_dir
         self.failure: tuple[Path, BaseException] | None = None
+        self.entries: dict[str, dict] = {}
 
     def attempt(self, path: Path, write) -> None:
+        """``write()``; what it returns, a manifest entry, is recorded for ``path``."""
         if self.failure is not None:
             return
         try:
-            write()
+            entry = write()
         except Exception as error:  # noqa: BLE001 - raised after every rank has agreed, see save()
             self.failure = (Path(path), error)
+            return
+        if entry is not None and Path(path).parent == self.tag_dir:
+            self.entries[Path(path).name] = entry
 
     @contextmanager
     def through(self, engine):
@@ -160,16 +176,41 @@ def _set_aside(tag_dir: Path) -> Path:
                                "remove old ones")
 
 
+def _gathered(entries: dict[str, dict]) -> dict[str, dict]:
+    """Every rank's manifest entries, on rank 0 (a collective; the other ranks get theirs back)."""
+    if dist.get_world_size() == 1:
+        return entries
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, entries)
+    return {name: entry for rank_entries in every for name, entry in rank_entries.items()}
+
+
+def _complete(tag_dir: Path, entries: dict[str, dict]) -> dict[str, dict]:
+    """``entries`` and an entry for every other file of ``tag_dir``, read back from disk: files that a
+    rank wrote outside DeepSpeed's torch checkpoint engine (another engine, NVMe offload copies)."""
+    complete = dict(entries)
+    for path in sorted(tag_dir.rglob("*")):
+        name = str(path.relative_to(tag_dir))
+        if path.is_file() and name not in complete:
+            complete[name] = manifest.of_file(path)
+    return complete
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, mems, keep: int) -> str:
     """Save on every rank (a collective); returns the tag.
 
     A refused write on any rank raises :class:`CheckpointWriteError` on every rank after the
-    half-written directory is removed; ``latest`` is moved only once every file is on disk."""
+    half-written directory is removed; the manifest is written once every file is on disk, and
+    ``latest`` moved after it.
+
+    Every rank checksums the files it writes, and rank 0 gathers the entries: nothing is read back.
+    Assumed, as by the loaders: every rank writes into the same run directory, on a file system
+    that all nodes share."""
     ckpt_dir = Path(ckpt_dir)
     tag = schema.tag_of(step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
-    writes = _Writes()
+    writes = _Writes(tag_dir)
     if rank == 0 and tag_dir.exists():
         _clear_the_way(tag_dir)
     dist.barrier()
@@ -179,13 +220,20 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, mems, keep: int)
     buffer = io.BytesIO()
     torch.save(rank_state(engine, mems), buffer)
     rank_file = tag_dir / schema.rank_file(rank)
-    writes.attempt(rank_file, lambda: write_atomic(rank_file, buffer.getvalue()))
-    # every rank's files are on disk (or some rank failed) before `latest` moves
+
+    def write_rank_file() -> dict:
+        write_atomic(rank_file, buffer.getvalue())
+        return manifest.of_bytes(buffer.getbuffer())
+
+    writes.attempt(rank_file, write_rank_file)
+    # every rank's files are on disk (or some rank failed) before the manifest is written and `latest` moves
     if any_rank(writes.failure is not None):
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
         raise _write_error(tag, ckpt_dir, step, writes.failure)
+    entries = _gathered(writes.entries)
     if rank == 0:
+        writes.attempt(tag_dir / schema.MANIFEST, lambda: manifest.write(tag_dir, _complete(tag_dir, entries)))
         pointer = ckpt_dir / schema.LATEST
         writes.attempt(pointer, lambda: write_atomic(pointer, tag))
     if any_rank(writes.failure is not None):

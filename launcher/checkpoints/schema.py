@@ -7,11 +7,14 @@ Layout under ``RUN/checkpoints/``::
     step000250/rank0.pt     what only this rank knows: RNG states, Transformer-XL memory,
                             the random routers' generators, its optimizer's parameter
                             names (to reshard onto another layout, see reshard.py)
+    step000250/manifest.json  every other file's size and CRC-32 (:mod:`.manifest`),
+                            written last: a step directory without it is a save that
+                            did not finish (or one of an smoe older than manifests)
     latest                  the tag of the last *complete* checkpoint
 
-``latest`` is replaced atomically, and only after every rank has finished writing, so a
-run killed while saving resumes from the checkpoint before (:mod:`.save`). Every loader
-checks a checkpoint file by file before loading it (:mod:`.load`).
+``latest`` is replaced atomically, and only after every rank has finished writing and the
+manifest is on disk, so a run killed while saving resumes from the checkpoint before
+(:mod:`.save`). Every loader checks a checkpoint file by file before loading it (:mod:`.load`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
 TAG = re.compile(r"step(\d+)")  # the step directories; anything else in checkpoints/ is left alone
 # DeepSpeed's file names (mp_rank_00: no model parallelism).
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -81,9 +85,41 @@ def optimizer_files(main_state: dict, has_experts: bool) -> list[str]:
     return []
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
+def completed(tag_dir: Path) -> bool:
+    """Whether the save of ``tag_dir`` got to its end: the manifest is written last."""
+    return (Path(tag_dir) / MANIFEST).is_file()
+
+
+def _followed_latest(ckpt_dir: Path) -> tuple[str | None, str | None]:
+    """(the directory ``latest`` names, None) or (None, why it cannot be followed)."""
     pointer = Path(ckpt_dir) / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
+    if not pointer.exists():
+        return None, "is missing"
+    try:
+        text = pointer.read_bytes().decode(errors="replace").strip()
+    except OSError as error:
+        return None, f"cannot be read ({error.strerror})"
+    if not text:
+        return None, "is empty"
+    if "/" in text or text in (".", "..") or not (pointer.parent / text).is_dir():
+        return None, f"names {text[:40]!r}, which is not a directory in {pointer.parent}"
+    return text, None
+
+
+def latest(ckpt_dir: Path) -> tuple[str | None, str | None]:
+    """(tag, why): the checkpoint to continue from, and why ``latest`` was not followed (None when it was).
+    When ``latest`` is missing or damaged the tag is the newest step directory whose save completed
+    (:func:`completed`), if any: never one a killed save left half-written."""
+    tag, why = _followed_latest(ckpt_dir)
+    if tag is not None:
+        return tag, None
+    done = [p.name for p in reversed(step_dirs(ckpt_dir)) if completed(p)]
+    return (done[0] if done else None), why
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The checkpoint to continue from (:func:`latest`); None when the run has none."""
+    return latest(ckpt_dir)[0]
 
 
 def step_dirs(ckpt_dir: Path) -> list[Path]:
