@@ -1,11 +1,12 @@
 """dispatch=auto: the fastest path at each k, timed on the layer itself, without touching the run."""
 
 from dataclasses import replace
+from itertools import permutations
 
 import pytest
 import torch
 
-from smoe.model import MoEConfig, SMoE
+from smoe.model import MoEConfig, SMoE, autotune
 from smoe.model.autotune import autotune_dispatch, candidates, fastest_paths
 
 CFG = MoEConfig(d_model=16, d_ff=128, num_experts=16, k=1, dropout=0.1, seed=3)
@@ -59,3 +60,33 @@ def test_timing_draws_nothing_from_the_run_and_the_layer_follows_the_choices():
 def test_only_auto_layers_on_one_rank_are_timed():
     fixed = SMoE(replace(CFG, dispatch="sorted"))
     assert autotune_dispatch(fixed, 64, [1, 2]) == {} and fixed.deepspeed_moe.auto_paths == {}
+
+
+def test_auto_runs_the_path_timed_fastest_at_each_k_and_follows_the_times(monkeypatch):
+    """The timer replaced by a table of times: the choice at each k is the table's minimum there,
+    whichever path holds it; each shape is timed once per process."""
+    table, timed = {}, set()
+
+    def seconds(layer, path, x_TD, routes, repeats):
+        k = routes.expert_ids_TK.shape[1]
+        timed.add((path, k))
+        return table[path, k]
+
+    monkeypatch.setattr(autotune, "_seconds", seconds)
+    layer = SMoE(CFG)
+    paths = candidates(layer, torch.float32)
+    assert paths == ["sorted", "grouped", "masked-dense"]
+    for times in permutations([1.0, 2.0, 3.0]):
+        monkeypatch.setattr(autotune, "_FASTEST", {})  # a fresh process
+        timed.clear()
+        table.update({(path, 1): time for path, time in zip(paths, times)})
+        table.update({(path, 16): time for path, time in zip(paths, reversed(times))})  # another winner at k = 16
+        choices = autotune_dispatch(layer, 64, [1, 16])
+        assert timed == set(table)
+        for k in (1, 16):
+            assert choices[k] == min(paths, key=lambda path: table[path, k])
+            layer.set_top_k(k)
+            assert layer.deepspeed_moe.path() == choices[k]
+    table.update({key: 1.0 / value for key, value in table.items()})  # the slowest is now the fastest...
+    timed.clear()
+    assert autotune_dispatch(layer, 64, [1, 16]) == choices and not timed  # ...but this shape was timed already
