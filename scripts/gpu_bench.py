@@ -1,10 +1,9 @@
 #!/usr/bin/env python
-"""Training-step time and peak memory of the paper's Transformer-XL, dense vs SMoE-Dropout; and
-the summary table of scripts/gpu-check.sh.
+"""Training-step time and peak memory of the paper's Transformer-XL, dense vs SMoE-Dropout (the
+`step-bench` part of scripts/gpu-check.sh).
 
     python scripts/gpu_bench.py                        # on the GPU: batch 22 x 512 bytes, memory 512
     python scripts/gpu_bench.py --device cpu --tiny    # smoke check of this script on CPU (seconds)
-    python scripts/gpu_bench.py summary --junit J.xml --bench B.json --env E.json --out gpu-check.md
 
 The model is the `paper` preset (4 layers, d_model 256, 8 heads x 64, d_ff 8192, 16 experts
 of 512) built as `smoe train` builds it, at the paper's batch (22 segments of 512 bytes, each
@@ -26,8 +25,6 @@ import argparse
 import json
 import os
 import sys
-import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 PAPER = {"batch_size": 22}
@@ -57,9 +54,11 @@ def build(method: str, k: int | None, shape: dict, device, dtype):
 
 
 def time_steps(model, config, device, steps: int, warmup: int) -> tuple[float, float | None]:
-    """Mean seconds per forward + backward, and the peak memory (GiB) of the timed steps (None on CPU)."""
+    """Mean seconds per forward + backward, and the peak memory (GiB) of the timed steps (None on CPU).
+    Timed on the model's device (CUDA events on its stream), whichever device is current."""
     import torch
 
+    from smoe.launcher.bench.layer import moment, ms_between
     from smoe.model.transformer_xl import lm_loss
 
     cuda = device.type == "cuda"
@@ -79,21 +78,16 @@ def time_steps(model, config, device, steps: int, warmup: int) -> tuple[float, f
 
     for i in range(warmup):
         step(i)
-    if not cuda:
-        started = time.perf_counter()
-        for i in range(steps):
-            step(i)
-        return (time.perf_counter() - started) / steps, None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    for i, (start, end) in enumerate(events):
-        start.record()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    milliseconds = []
+    for i in range(steps):
+        start = moment(device)
         step(i)
-        end.record()
-    torch.cuda.synchronize(device)
-    seconds = sum(start.elapsed_time(end) for start, end in events) / 1000 / steps
-    return seconds, torch.cuda.max_memory_allocated(device) / 2**30
+        milliseconds.append(ms_between(start, moment(device)))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    return sum(milliseconds) / 1000 / steps, peak
 
 
 def bench(argv: list[str]) -> int:
@@ -168,103 +162,8 @@ def format_bench(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# --- summary ------------------------------------------------------------------------------------
-
-def test_groups(junit: Path) -> tuple[list[dict], list[str], dict[str, list[str]]]:
-    """Per test function: passed / failed / skipped and seconds; failure lines; the skipped tests by reason."""
-    groups: dict[str, dict] = {}
-    failures, skips = [], {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        module = case.get("classname", "").rsplit(".", 1)[-1]
-        name = case.get("name", "")
-        group = groups.setdefault(f"{module}::{name.split('[')[0]}",
-                                  {"passed": 0, "failed": 0, "skipped": 0, "seconds": 0.0})
-        group["seconds"] += float(case.get("time") or 0)
-        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-        if bad is not None:
-            group["failed"] += 1
-            message = (bad.get("message") or (bad.text or "").strip() or "failed").splitlines()[0]
-            failures.append(f"{module}::{name}: {message[:300]}")
-        elif case.find("skipped") is not None:
-            group["skipped"] += 1
-            reason = (case.find("skipped").get("message") or "").removeprefix("Skipped: ")
-            skips.setdefault(reason[:300], []).append(name)
-        else:
-            group["passed"] += 1
-    return [{"test": test, **counts} for test, counts in groups.items()], failures, skips
-
-
-def summary(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="gpu_bench.py summary", description="The one table of gpu-check.sh")
-    parser.add_argument("--junit", help="pytest --junitxml file")
-    parser.add_argument("--bench", help="gpu_bench.py --json file")
-    parser.add_argument("--env", help="JSON with the GPU and versions (written by gpu-check.sh)")
-    parser.add_argument("--pytest-rc", type=int, default=None)
-    parser.add_argument("--bench-rc", type=int, default=None)
-    parser.add_argument("--out", help="also write the table here (markdown)")
-    args = parser.parse_args(argv)
-
-    env = json.loads(Path(args.env).read_text()) if args.env and Path(args.env).is_file() else {}
-    lines = ["## smoe GPU check", ""]
-    if env:
-        lines += [f"GPU: {env.get('gpu', '?')} ({env.get('memory_gib', 0):.0f} GiB, compute capability "
-                  f"{env.get('capability', '?')}, {env.get('gpu_count', '?')} visible); torch {env.get('torch', '?')} "
-                  f"(CUDA {env.get('cuda', '?')}), DeepSpeed {env.get('deepspeed', '?')}, transformers "
-                  f"{env.get('transformers', '?')}, datasets {env.get('datasets', '?')}, Python "
-                  f"{env.get('python', '?')}; {env.get('date', '')}", ""]
-    ok = True
-
-    lines += ["| test (tests/gpu) | passed | failed | skipped | s |", "|---|---|---|---|---|"]
-    failures, skips = [], {}
-    if args.junit and Path(args.junit).is_file():
-        groups, failures, skips = test_groups(Path(args.junit))
-        for g in groups:
-            lines.append(f"| {g['test']} | {g['passed']} | {g['failed']} | {g['skipped']} | {g['seconds']:.0f} |")
-        totals = {key: sum(g[key] for g in groups) for key in ("passed", "failed", "skipped", "seconds")}
-        lines.append(f"| **all** | {totals['passed']} | {totals['failed']} | {totals['skipped']} | "
-                     f"{totals['seconds']:.0f} |")
-        ok &= totals["failed"] == 0 and totals["passed"] > 0
-    else:
-        lines.append("| (no report: pytest timed out or crashed, see its output above) | - | - | - | - |")
-        ok = False
-    if args.pytest_rc not in (None, 0):
-        ok = False
-        if args.pytest_rc in (124, 137):
-            lines += ["", f"pytest hit the time limit (exit {args.pytest_rc}): the tests after it did not run."]
-        elif not failures:
-            lines += ["", f"pytest exited with {args.pytest_rc}."]
-    if failures:
-        lines += ["", "Failed:"] + [f"- {f}" for f in failures]
-    if skips:
-        lines += ["", "Skipped:"]
-        for reason, names in skips.items():
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            lines.append(f"- {reason}: {shown}")
-
-    lines.append("")
-    if args.bench and Path(args.bench).is_file():
-        report = json.loads(Path(args.bench).read_text())
-        lines += [f"Benchmark: {report['title']}", "", format_bench(report["rows"])]
-    else:
-        lines.append(f"Benchmark: no result (exit {args.bench_rc}; see its output above).")
-        ok = False
-    if args.bench_rc not in (None, 0):
-        ok = False
-
-    lines += ["", f"**{'PASS' if ok else 'FAIL'}**"]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"(written to {args.out})")
-    return 0 if ok else 1
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["summary"]:
-        return summary(argv[1:])
-    return bench(argv)
+    return bench(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

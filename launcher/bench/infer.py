@@ -98,8 +98,11 @@ def max_tokens(config) -> int:
 
 
 def _timed(model, inputs: dict, repeats: int) -> float:
-    """Median seconds of one forward (after a warm-up)."""
-    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    """Median seconds of one forward (after a warm-up). On a GPU the model's own device is
+    synchronized: a bare ``torch.cuda.synchronize()`` waits for the current device, which need not
+    be the model's (``--device cuda:1``), and would time the kernel launches only."""
+    device = model.device
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     model(**inputs)
     times = []
     for _ in range(repeats):

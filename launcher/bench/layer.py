@@ -99,20 +99,21 @@ def forward_backward(layer, forward, x, grad) -> None:
     forward(x).backward(grad)
 
 
-def _now(cuda: bool):
-    """A point in time: on a GPU a CUDA event recorded on the stream (kernels run asynchronously, so a host clock
-    would time their launch), on the CPU perf_counter."""
-    if not cuda:
+def moment(device: torch.device):
+    """A point in time: on a GPU a CUDA event recorded on the current stream of ``device``, the one the layer's
+    kernels run on (kernels run asynchronously, so a host clock would time their launch; the current device's
+    stream need not be the layer's), on the CPU perf_counter."""
+    if device.type != "cuda":
         return time.perf_counter()
     event = torch.cuda.Event(enable_timing=True)
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event
 
 
-def _ms_between(start, end) -> float:
+def ms_between(start, end) -> float:
     if isinstance(start, float):
         return (end - start) * 1e3
-    torch.cuda.synchronize()  # both events have completed
+    end.synchronize()  # the end event has completed, on whichever device it was recorded
     return start.elapsed_time(end)
 
 
@@ -122,9 +123,9 @@ def time_ms(layer, forward, x, grad, repeats: int, barrier=None) -> list[float]:
     for _ in range(repeats):
         if barrier:
             barrier()
-        start = _now(x.is_cuda)
+        start = moment(x.device)
         forward_backward(layer, forward, x, grad)
-        times.append(_ms_between(start, _now(x.is_cuda)))
+        times.append(ms_between(start, moment(x.device)))
     return times
 
 
@@ -152,10 +153,10 @@ def probe_memory(setup: Setup, method: str, k: int) -> float:
         forward_backward(layer, forward, x, grad)  # the first matmuls allocate cuBLAS's workspace: not the layer's
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats(x.device)
+        before = torch.cuda.memory_allocated(x.device)
         forward_backward(layer, forward, x, grad)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current resident size
     before = _rss_kb("VmRSS:")
