@@ -1,6 +1,7 @@
 import pytest
 
 from smoe.routing import TopKSchedule
+from smoe.routing.schedule import StepPlan
 
 
 def test_linear_follows_the_paper_formula_at_start_middle_and_end():
@@ -59,3 +60,43 @@ def test_k_max_above_the_number_of_experts_is_refused():
     with pytest.raises(ValueError, match=r"k_max \(32\) is larger than the number of experts \(16\)"):
         TopKSchedule.linear(1, 32, 10).check_experts(16)
     TopKSchedule.linear(1, 16, 10).check_experts(16)
+
+
+def test_a_plan_is_the_identity_until_the_end_moves():
+    plan = StepPlan(20)
+    assert [plan(s) for s in (0, 7, 20)] == [0, 7, 20] and plan.planned_steps == 20
+    assert plan.resumed(10, 20) is plan
+
+
+@pytest.mark.parametrize("new_end", [100, 14])
+def test_moving_the_end_stretches_what_was_left_and_keeps_k_monotone(new_end):
+    """Planned for 20 steps, resumed at step 10 to end at 100 (or 14): k goes on from its value at
+    10 without a jump, never decreases, and reaches k_max exactly at the new end."""
+    before = TopKSchedule.linear(1, 16, 20)
+    plan = StepPlan(20).resumed(10, new_end)
+    after = TopKSchedule.linear(1, 16, new_end, plan.earlier)
+    assert plan.earlier == ((10, 20),)
+    assert [after(s) for s in range(11)] == [before(s) for s in range(11)]
+    ks = [after(s) for s in range(new_end + 5)]
+    assert ks == sorted(ks) and after(new_end) == 16 and ks.index(16) > 10 + 0.9 * (new_end - 10)  # not before
+    assert after(10 + (new_end - 10) // 2) == before(15)  # halfway through the rest: the old plan's 15
+
+
+def test_plans_compose_over_several_resumes_and_restore_from_state():
+    plan = StepPlan(20).resumed(10, 100).resumed(55, 70)
+    assert plan.earlier == ((10, 20), (55, 100))
+    assert plan(55) == pytest.approx(15.0) and plan(70) == 20  # half of what was left at 55, then all of it
+    schedule = TopKSchedule.linear(1, 16, 70, plan.earlier)
+    restored = TopKSchedule.from_state_dict(schedule.state_dict())
+    assert restored == schedule and [restored(s) for s in range(80)] == [schedule(s) for s in range(80)]
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: StepPlan(20).resumed(30, 25), "max_steps (25) is below step 30, where the run already is"),
+    (lambda: StepPlan(5, ((10, 20),)), "max_steps (5) is below step 10"),
+    (lambda: StepPlan(50, ((10, 20), (10, 30))), "each change needs a step after the one before"),
+    (lambda: TopKSchedule("constant", 2, 2, earlier=((10, 20),)), "takes no earlier ends"),
+])
+def test_plans_that_do_not_fit_are_refused(build, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build()
