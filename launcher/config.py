@@ -19,6 +19,7 @@ from smoe.data.mlm import check_block_fits
 from smoe.model.feedforward import FeedForwardSpec, combine_scale_value, get_method, moe_layers
 from smoe.model.transformer_xl import TransformerXLConfig
 from smoe.routing import RouterOptions, TopKSchedule
+from smoe.routing.schedule import StepPlan
 
 # Fields that fix the shapes of the saved tensors, or what the trained weights compute: a
 # resume must not change them. (ep_size may change: the checkpoint is resharded.)
@@ -34,6 +35,8 @@ DEFAULT_COMBINE_SCALE = {"transformer-xl": "N", "bert": "1", "roberta": "1"}
 RENAMED = {"d_inner": "d_ff", "balance_coef": "router.balance_coef", "z_loss_coef": "router.z_loss_coef"}
 # The nested option objects, by key.
 SECTIONS = {"router": RouterOptions}
+# Keys a resume writes (where the run's max_steps changed); never given on the command line.
+WRITTEN_BY_RESUME = ("earlier_max_steps",)
 
 
 @dataclass
@@ -85,6 +88,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step: batch_size = micro x grad_accum x ranks
     eval_batch_size: int = 10
     max_steps: int = 400_000
+    # (step, max_steps until then) of each resume that changed max_steps: the k and lr schedules
+    # stretch what was left of them onto the new steps (StepPlan). Written by --resume.
+    earlier_max_steps: tuple[tuple[int, int], ...] = ()
     lr: float = 2.5e-4
     lr_min: float = 0.0  # the decay ends here
     lr_decay: str = "cosine"  # cosine or linear, after warmup_steps
@@ -105,6 +111,7 @@ class TrainConfig:
     def __post_init__(self):
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
         self.data_files = tuple(str(f) for f in self.data_files)
+        self.earlier_max_steps = self.step_plan().earlier  # as tuples; refused when it does not fit max_steps
         method = get_method(self.method)
         default = DEFAULT_COMBINE_SCALE.get(self.model, "N")  # an unknown model is refused below
         self.combine_scale = f"{combine_scale_value(self.combine_scale or default, self.num_experts):g}"
@@ -147,13 +154,17 @@ class TrainConfig:
         when it reads shorter segments."""
         return self.mem_len + max(self.tgt_len - self.eval_tgt_len, 0)
 
+    def step_plan(self) -> StepPlan:
+        """Steps trained -> steps of the plan the k and lr schedules were made for."""
+        return StepPlan(self.max_steps, self.earlier_max_steps)
+
     def k_schedule(self) -> TopKSchedule:
         """k by optimizer step for this method (dense methods: a constant 1, unused)."""
         method = get_method(self.method)
         if method.dense:
             return TopKSchedule.constant(1)
         if method.increasing_k:
-            return TopKSchedule.linear(self.k_min, self.k_max, self.max_steps)
+            return TopKSchedule.linear(self.k_min, self.k_max, self.max_steps, self.earlier_max_steps)
         return TopKSchedule.constant(self.k_fixed)
 
     def model_config(self) -> TransformerXLConfig:
@@ -174,6 +185,7 @@ class TrainConfig:
         values = dataclasses.asdict(self)
         values["eval_ks"] = list(self.eval_ks)
         values["data_files"] = list(self.data_files)
+        values["earlier_max_steps"] = [list(change) for change in self.earlier_max_steps]
         return values
 
     @classmethod
@@ -233,6 +245,9 @@ def parse_override(text: str) -> tuple[str, object]:
     key, raw = text.split("=", 1)
     key = canonical_key(key)
     _check_keys([key])
+    if key in WRITTEN_BY_RESUME:
+        raise ValueError(f"{key} is kept by smoe (where a resume changed max_steps), not set by hand: "
+                         "to move the run's end, pass max_steps=N")
     kind = key_types()[key]
     try:
         if kind == "int":
@@ -276,6 +291,40 @@ def _check_keys(keys) -> None:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "see `smoe train --help` for the keys"
             raise ValueError(f"config key '{key}' does not exist: {hint}")
+
+
+def resumed_config(saved: TrainConfig, overrides: dict, preset: str | None = None) -> tuple[TrainConfig, list[str]]:
+    """A resumed run's config: its saved one with only the ``overrides`` given changed, and one line
+    per change (``max_steps: 20 -> 3000``). ``preset``: the one named on the command line, if any;
+    another than the run's is refused (its values would silently replace the run's)."""
+    if preset is not None and preset != saved.preset:
+        raise ValueError(f"--preset {preset}: this run was started with preset {saved.preset}, and a resume "
+                         "continues the run's own config.json: drop --preset, and give only the keys to change "
+                         "as KEY=VALUE")
+    config = TrainConfig.from_dict({**saved.to_dict(), **overrides})
+    check_resume_compatible(saved, config)
+    return config, config_changes(saved, config)
+
+
+def config_changes(before: TrainConfig, after: TrainConfig) -> list[str]:
+    """``key: old -> new`` for every key whose value differs (a section's as ``section.name``)."""
+    old, new = _flat_values(before), _flat_values(after)
+    return [f"{key}: {_shown(old[key])} -> {_shown(new[key])}" for key in new if old[key] != new[key]]
+
+
+def _flat_values(config: TrainConfig) -> dict:
+    values = {}
+    for key, value in config.to_dict().items():
+        if key in SECTIONS:
+            values.update({f"{key}.{name}": option for name, option in value.items()})
+        else:
+            values[key] = value
+    return values
+
+
+def _shown(value) -> str:
+    """A value as it is written on the command line."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def check_resume_compatible(saved: TrainConfig, current: TrainConfig) -> None:

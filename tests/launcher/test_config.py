@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from smoe.launcher.config import RENAMED, TrainConfig, build_config, parse_override
+from smoe.launcher.config import RENAMED, TrainConfig, build_config, parse_override, resumed_config
+from smoe.launcher.training.lr import lr_multiplier
 from smoe.model.moe import moe_layers_of
 from smoe.routing import RouterOptions
 
@@ -67,3 +68,44 @@ def test_unknown_keys_name_the_closest():
         TrainConfig.from_dict({"router": {"nope": 1}})
     with pytest.raises(ValueError, match="did you mean 'd_ff'"):
         parse_override("d_fff=3")
+
+
+def test_a_resume_changes_only_the_keys_given_and_says_which():
+    saved = build_config("tiny", overrides("max_steps=20", "lr=5e-4"))
+    config, changes = resumed_config(saved, overrides("max_steps=3000", "router.balance_coef=0.5", "eval_ks=1,2"))
+    assert changes == ["router.balance_coef: 0.01 -> 0.5", "max_steps: 20 -> 3000", "eval_ks: 1,2,4,8,16 -> 1,2"]
+    assert config == dataclasses.replace(saved, max_steps=3000, eval_ks=(1, 2),
+                                         router=RouterOptions(balance_coef=0.5))  # lr stays the run's 5e-4
+    assert resumed_config(saved, {}, preset="tiny") == (saved, [])
+
+
+@pytest.mark.parametrize("given, preset, message", [
+    ({}, "paper", "--preset paper: this run was started with preset tiny"),
+    ({"method": "dense"}, None, "method: saved 'smoe-dropout', now 'dense'"),
+    ({"d_model": 64}, None, "cannot resume: the config changes the model (d_model: saved 128, now 64)"),
+])
+def test_a_resume_refuses_another_preset_and_a_model_change(given, preset, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resumed_config(build_config("tiny"), given, preset)
+
+
+def test_where_max_steps_changed_is_kept_by_smoe_not_given():
+    with pytest.raises(ValueError, match="earlier_max_steps is kept by smoe"):
+        parse_override("earlier_max_steps=10,20")
+    saved = TrainConfig.from_dict({**build_config("tiny").to_dict(), "max_steps": 100, "earlier_max_steps": [[10, 20]]})
+    assert TrainConfig.from_saved(json.loads(json.dumps(saved.to_dict()))) == saved
+    with pytest.raises(ValueError, match=r"max_steps \(5\) is below step 10"):
+        resumed_config(saved, {"max_steps": 5})
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_the_lr_follows_a_moved_end_without_a_jump_and_ends_at_lr_min(decay):
+    """Planned for 20 steps (4 of warm-up), resumed at step 10 to end at 100: the lr at 10 is the one
+    the run had there, it only decreases from there and reaches lr_min at step 100, not before."""
+    before = build_config("tiny", overrides("max_steps=20", "warmup_steps=4", "lr_min=1e-5", f"lr_decay={decay}"))
+    after = dataclasses.replace(before, max_steps=100, earlier_max_steps=((10, 20),))
+    old, new = lr_multiplier(before), lr_multiplier(after)
+    assert [new(s) for s in range(11)] == [old(s) for s in range(11)]
+    lrs = [after.lr * new(s) for s in range(10, 101)]
+    assert lrs == sorted(lrs, reverse=True) and max(abs(a - b) for a, b in zip(lrs, lrs[1:])) < after.lr / 50
+    assert lrs[-1] == pytest.approx(1e-5) and lrs[-2] > 1e-5 * 1.001
