@@ -72,7 +72,7 @@ def test_fast_paths_equal_the_reference_loop(router, k, combine_scale):
 
 def test_bf16_gradients_of_every_path_match_fp32_at_thousands_of_rows_per_expert():
     """A bf16 sum of thousands of rows, one row at a time, keeps little of it (the grouped path's
-    bias gradients did: 0.58 to 0.76 relative error here); every path must sum in fp32 and cast once."""
+    bias gradients did: 0.56 to 0.75 relative error here); every path must sum in fp32 and cast once."""
     config = replace(CFG, d_model=64, d_ff=256, num_experts=4, k=1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16384, 64, generator=g).bfloat16()  # about 4096 rows per expert
