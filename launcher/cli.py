@@ -27,8 +27,8 @@ def _add_train(commands) -> None:
         description=trainer.__doc__ + "\npresets: " + "; ".join(f"{name}: {values.get('description', '')}"
                                                               for name, values in presets().items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="tiny, paper, paper-8l, paper-12l (Transformer-XL); bert-tiny, "
-                                                        "roberta-tiny, bert-paper, roberta-paper (default: tiny)")
+    parser.add_argument("--preset", help="tiny, paper, paper-8l, paper-12l (Transformer-XL); bert-tiny, roberta-tiny, "
+                                         "bert-paper, roberta-paper (default: tiny; a resume: the run's own)")
     parser.add_argument("--method", help="dense, dense-concrete, dense-dropblock, smoe-dropout, smoe-learned, "
                                          "smoe-learned-increasing-k, thor, hash or random (default: smoe-dropout)")
     parser.add_argument("--data-dir", help="directory holding enwik8 or enwik8.zip (downloaded when absent)")
@@ -38,7 +38,10 @@ def _add_train(commands) -> None:
     parser.add_argument("--tokenizer", help="masked-LM presets: a transformers tokenizer directory (default: train one)")
     parser.add_argument("--out", required=True, help="run directory (config, checkpoints, tb/, eval.json)")
     resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoint, with its saved config.json: only "
+                             "the keys given change (printed); max_steps=N moves its end, the k and lr schedules "
+                             "stretched to it")
     resume.add_argument("--auto-resume", action="store_true",
                         help="resume when --out holds a checkpoint, start otherwise (batch jobs that requeue)")
     parser.add_argument("--stop-at", type=int, help="stop (with a checkpoint) at this step; schedules still plan "
@@ -60,7 +63,7 @@ def _tokenizer_value(text: str) -> str:
 def _run_train(args) -> None:
     from smoe.launcher.checkpoints.run_dir import RunDir
     from smoe.launcher.checkpoints.schema import latest_tag
-    from smoe.launcher.config import build_config, parse_override
+    from smoe.launcher.config import build_config, parse_override, resumed_config
     from smoe.launcher.training.trainer import Trainer
 
     overrides = dict(parse_override(text) for text in args.overrides)
@@ -74,10 +77,15 @@ def _run_train(args) -> None:
         overrides["data_files"] = tuple(str(Path(f).resolve()) for f in args.data_files)
     if args.tokenizer:
         overrides["tokenizer"] = _tokenizer_value(args.tokenizer)
-    config = build_config(args.preset, overrides)
-    out = Path(args.out)
-    resume = args.resume or (args.auto_resume and latest_tag(RunDir(out).checkpoints) is not None)
-    trainer = Trainer(config, out, resume=resume, fresh_ok=args.auto_resume)
+    run = RunDir(Path(args.out))
+    resume = args.resume or (args.auto_resume and latest_tag(run.checkpoints) is not None)
+    if resume and run.config.is_file():  # without one, the trainer refuses the resume
+        config, changes = resumed_config(run.load_config(), overrides, args.preset)
+        for change in changes:
+            log.info(f"resume changes {change}")
+    else:
+        config = build_config(args.preset or "tiny", overrides)
+    trainer = Trainer(config, run.root, resume=resume, fresh_ok=args.auto_resume)
     trainer.train(stop_at=args.stop_at)
     return EXIT_STOPPED_BY_SIGNAL if trainer.stopped_by_signal else 0
 

@@ -44,7 +44,6 @@ from smoe.model.autotune import autotune_dispatch, set_auto_paths
 from smoe.model.feedforward import get_method
 from smoe.model.moe import moe_layers_of, set_top_k
 from smoe.model.parallel import init_expert_parallel, optimizer_param_groups
-from smoe.routing import TopKSchedule
 
 
 class Trainer:
@@ -88,7 +87,7 @@ class Trainer:
             self._resume()
         if self.rank == 0:  # the config in effect (a resume may change ep_size and non-shape fields)
             self.paths.root.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.paths.config, json.dumps(config.to_dict(), indent=2).encode())
+            write_atomic(self.paths.config, json.dumps(self.config.to_dict(), indent=2).encode())
 
     # --- set-up -------------------------------------------------------------------------------
     def _check_run_dir(self, config: TrainConfig, resume: bool, fresh_ok: bool) -> TrainConfig:
@@ -151,11 +150,33 @@ class Trainer:
                                              self.config.seed)
         self.step = client["step"]
         self.train_stream.load_state_dict(client["data"])
-        saved_schedule = TopKSchedule.from_state_dict(client["k_schedule"])
-        if saved_schedule != self.schedule:
-            log.note(f"keeping the checkpoint's k schedule {saved_schedule}, not the config's")
-        self.schedule = saved_schedule
+        self._replan(TrainConfig.from_saved(client["config"]))
         log.info(f"resumed {self.paths.root} at step {self.step} (k={self.schedule(self.step)})")
+
+    def _replan(self, saved: TrainConfig) -> None:
+        """The k and lr schedules of the resumed run: the checkpoint's plan, stretched onto the steps
+        left when ``max_steps`` moved (:class:`~smoe.routing.schedule.StepPlan`), and this config's lr,
+        lr_min, warm-up and weight decay in place of the checkpoint's optimizer values."""
+        plan = saved.step_plan().resumed(self.step, self.config.max_steps)
+        self.config = config = dataclasses.replace(self.config, earlier_max_steps=plan.earlier)
+        if plan.end != saved.max_steps:
+            log.info(f"max_steps {saved.max_steps} -> {plan.end} at step {self.step}: what was left of the k and "
+                     f"lr schedules is stretched to end at step {plan.end}")
+        self.schedule = config.k_schedule()
+        multiplier = lr_multiplier(config)
+        lr = config.lr * multiplier(self.step)
+        if self.step < plan.end and plan(self.step) >= plan.planned_steps:  # nothing left to stretch
+            if lr == 0:
+                raise ValueError(f"max_steps={plan.end}: the run had finished its schedules at step {self.step}, "
+                                 "its lr decayed to lr_min=0, so it would train on at lr 0: pass lr_min (e.g. "
+                                 f"lr_min={config.lr / 10:g}) to train on at that constant lr, or start a new run")
+            log.note(f"the run had finished its schedules at step {self.step}: k stays {self.schedule(self.step)} "
+                     f"and the lr {lr:g} up to step {plan.end}")
+        scheduler = self.engine.lr_scheduler
+        groups = scheduler.optimizer.param_groups
+        scheduler.lr_lambdas, scheduler.base_lrs = [multiplier] * len(groups), [config.lr] * len(groups)
+        for group in groups:
+            group["lr"], group["weight_decay"] = lr, config.weight_decay
 
     def _eval_loss(self, split: str, max_batches: int = 0) -> float:
         return self.family.eval_loss(self.engine.module, split, self.rank, self.world, self.device, max_batches)
