@@ -33,10 +33,16 @@ def test_a_resume_without_overrides_ends_where_the_run_was_to_end(corpus, tmp_pa
     extended = smoe("train", "--out", out, "--resume", "max_steps=12", check=False)
     assert extended.returncode == 2 and "max_steps=12: the run had finished its schedules at step 8" in \
         extended.stderr and "pass lr_min" in extended.stderr
+    # With a floor it goes on at that floor: lr and lr_min given on resume replace the checkpoint's values.
+    extended = smoe("train", "--out", out, "--resume", "max_steps=10", "lr=2e-3", "lr_min=5e-4")
+    assert "resume changes lr: 0.001 -> 0.002" in extended.stdout and "finished its schedules at step 8" in \
+        extended.stdout
+    lr = scalars(out, "train/lr")
+    assert lr[8] == 0 and lr[9] == lr[10] == pytest.approx(5e-4)
     # A model change is refused as before, before anything is loaded.
     reshaped = smoe("train", "--out", out, "--auto-resume", "d_model=64", check=False)
     assert reshaped.returncode == 2 and "d_model: saved 32, now 64" in reshaped.stderr
-    assert saved_config(out).max_steps == 8
+    assert saved_config(out).max_steps == 10
 
 
 def test_a_resume_that_moves_max_steps_stretches_k_and_lr_to_the_new_end(corpus, tmp_path):
