@@ -4,11 +4,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from deepspeed.moe.sharded_moe import _AllToAll
 
 from smoe.launcher.runtime import deepspeed_config
 from smoe.launcher.runtime.distributed import spawn
 from smoe.model import MoEConfig, SMoE, init_expert_parallel, optimizer_param_groups
-from smoe.routing import ROUTERS
+from smoe.routing import ROUTERS, Routes, assignment_counts
 
 CFG = MoEConfig(d_model=16, d_ff=128, num_experts=16, k=1, dropout=0.0, vocab_size=40, seed=4)
 TOKENS = (30, 30)  # per rank
@@ -84,9 +85,68 @@ def test_ep2_honours_the_combine_scale():
 
 @pytest.mark.parametrize("router, tokens", [("random-frozen", (37, 5)), ("learned", (0, 37))])
 def test_ep2_matches_ep1_with_uneven_tokens_per_rank(router, tokens):
-    """Ranks rarely hold equal token counts (the last batch, padding removed); one may hold none.
-    The exchange pads every block to one capacity, so neither rank waits on a block never sent."""
+    """Nothing makes the ranks' token counts equal, and a rank may hold none: the exchange pads
+    every block to one agreed capacity, so no rank waits on a block of another size."""
     spawn(_compare_ep2_with_ep1, 2, router, 1.0, tokens)
+
+
+EXCHANGE_TOKENS = (30, 21)  # per rank
+
+
+def _fixed_routes(tokens: int, k: int, seed: int) -> Routes:
+    """A fixed router: k distinct experts per token and random weights, drawn from ``seed``, so
+    that every rank can rebuild every rank's routes."""
+    g = torch.Generator().manual_seed(seed)
+    expert_ids_TK = torch.rand(tokens, 16, generator=g).argsort(1)[:, :k]
+    weights_TK = torch.rand(tokens, k, generator=g).softmax(1)
+    return Routes(expert_ids_TK, weights_TK, torch.zeros(()), assignment_counts(expert_ids_TK, 16))
+
+
+def _count_exchanged_rows(rank, world_size):
+    import smoe.model.expert_parallel as exchange
+
+    sent = []  # what this rank hands the exchange's all-to-alls: tokens out, then results back
+
+    class RecordingAllToAll:
+        @staticmethod
+        def apply(group, send):
+            sent.append(send.detach().clone())
+            return _AllToAll.apply(group, send)
+
+    exchange._AllToAll = RecordingAllToAll  # this process only
+    ep_rank = init_expert_parallel(2)
+    layer = SMoE(replace(CFG, ep_size=2), ep_rank=ep_rank)
+    layer.set_deepspeed_parallelism()
+    x_TD = torch.randn(EXCHANGE_TOKENS[rank], 16, generator=torch.Generator().manual_seed(rank))
+    for k in (1, 2, 16):
+        routes_of = [_fixed_routes(tokens, k, seed=10 * k + src) for src, tokens in enumerate(EXCHANGE_TOKENS)]
+        # tokens_to[src][dst]: tokens of rank src with at least one of their k experts on rank dst
+        # (experts 0-7 on rank 0, 8-15 on rank 1)
+        tokens_to = [[int((routes.expert_ids_TK // 8 == dst).any(1).sum()) for dst in range(2)] for routes in routes_of]
+        sent.clear()
+        y_TD = exchange.expert_parallel_combine(layer.local_experts, x_TD, routes_of[rank], 16,
+                                                layer.deepspeed_moe.ep_group, ep_rank)
+        assert y_TD.shape == x_TD.shape and len(sent) == 2
+        # Each all-to-all sends R blocks of one capacity C, the most tokens any rank sends any rank;
+        # a block's real rows carry data, its padding is zeros.
+        capacity = max(max(row) for row in tokens_to)
+        for buffer in sent:
+            assert buffer.shape[0] == 2 * capacity, f"k={k}: {buffer.shape[0]} rows for capacity {capacity}"
+        rows_out, rows_back = ([int(block.ne(0).any(1).sum()) for block in buffer.split(capacity)] for buffer in sent)
+        other = 1 - rank
+        assert rows_out == tokens_to[rank], f"k={k}: rows sent {rows_out}, tokens {tokens_to[rank]}"
+        assert rows_back == [tokens_to[src][rank] for src in range(2)], f"k={k}: rows returned {rows_back}"
+        # min(k, R) rows per token at most; each token crosses to the other rank once, whatever
+        # number of its experts live there (k=16: once, not 8 times).
+        assert sum(rows_out) <= min(k, 2) * EXCHANGE_TOKENS[rank]
+        if k == 16:
+            assert rows_out[other] == EXCHANGE_TOKENS[rank] and rows_back[other] == EXCHANGE_TOKENS[other]
+
+
+def test_the_exchange_sends_each_token_once_to_each_rank_holding_its_experts():
+    """docs/design.md: min(k, R) rows per token each way instead of k, counted in the buffers the
+    all-to-all sends (real rows apart from the padding, to each rank, both directions), k = 1, 2, N."""
+    spawn(_count_exchanged_rows, 2)
 
 
 CPU_CONFIG = {**deepspeed_config.load("cpu")[0], "train_micro_batch_size_per_gpu": 4}
