@@ -85,8 +85,9 @@ def test_ep2_honours_the_combine_scale():
 
 @pytest.mark.parametrize("router, tokens", [("random-frozen", (37, 5)), ("learned", (0, 37))])
 def test_ep2_matches_ep1_with_uneven_tokens_per_rank(router, tokens):
-    """Nothing makes the ranks' token counts equal, and a rank may hold none: the exchange pads
-    every block to one agreed capacity, so no rank waits on a block of another size."""
+    """Evaluation gives ranks uneven blocks of streams, and a rank beyond the streams none
+    (docs/training.md): the exchange pads every block to one agreed capacity, so no rank waits
+    on a block of another size, and a rank with no token still takes part."""
     spawn(_compare_ep2_with_ep1, 2, router, 1.0, tokens)
 
 
