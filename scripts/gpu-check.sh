@@ -7,7 +7,7 @@
 #     bash scripts/gpu-check.sh --dry-run              # the plan: parts, time limits, sizes
 #
 # Parts, each in its own process under its own time limit (scripts/gpu_check_parts.py): install,
-# environment, ep-exchange, train-eval, export-infer, layer-bench, gpu-tests, step-bench. The table
+# environment, ep-exchange, train-eval, export-infer, layer-bench, step-bench, gpu-tests. The table
 # comes last, also in OUT/gpu-check.md (OUT: --out DIR, else $OUT, else ./gpu-check). The rest of the
 # options: python3 scripts/gpu_check.py --help. Exit status: 0 pass, 1 a part failed, 2 not ready.
 set -uo pipefail

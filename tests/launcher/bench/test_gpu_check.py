@@ -84,7 +84,7 @@ def test_the_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     result = check("--dry-run", out=tmp_path / "out")
     assert result.returncode == 0
     assert [line.split()[0] for line in result.stdout.splitlines()[1:-1]] == [
-        "environment", "ep-exchange", "train-eval", "export-infer", "layer-bench", "gpu-tests", "step-bench"]
+        "environment", "ep-exchange", "train-eval", "export-infer", "layer-bench", "step-bench", "gpu-tests"]
     assert not (tmp_path / "out").exists()
 
 
