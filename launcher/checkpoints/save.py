@@ -61,6 +61,19 @@ class _RecordingFile:
         self.f.flush()
 
 
+@contextmanager
+def _without_torch_record_crcs():
+    """torch.save computes a CRC-32 of every record of its zip file that torch.load never checks (a
+    flipped bit in a tensor loads silently); the manifest's CRC-32 of the whole file, checked by every
+    loader, replaces it at the same cost, so a save is no slower than without a manifest."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
 def torch_save_atomic(state, path: Path, zipfile: bool = True) -> dict:
     """torch.save through a temporary name; a refused write raises its OSError (ENOSPC, EIO, EACCES).
     Returns the file's manifest entry."""
@@ -70,7 +83,8 @@ def torch_save_atomic(state, path: Path, zipfile: bool = True) -> dict:
         nonlocal recording
         recording = _RecordingFile(f)
         try:
-            torch.save(state, recording, _use_new_zipfile_serialization=zipfile)
+            with _without_torch_record_crcs():
+                torch.save(state, recording, _use_new_zipfile_serialization=zipfile)
         except RuntimeError:
             if recording.error is not None:
                 raise recording.error from None
@@ -154,16 +168,16 @@ def _write_error(tag: str, ckpt_dir: Path, step: int, failure: tuple[Path, BaseE
 
 def _clear_the_way(tag_dir: Path) -> None:
     """A step directory in the way of a new save with its tag: the run resumed from an older one, past
-    this. Without a rank file it is what a save killed midway left, never a checkpoint: removed. With
-    one it was complete once (damaged since, so that the resume went past it, even though `latest` may
-    still name it; or `latest` was moved back from it): kept, not overwritten, as ``stepNNNNNN.old``
-    (``.old2``, ...)."""
+    this, or started over. Without a rank file it is what a save killed midway left, never a checkpoint:
+    removed. With one it may have been complete (damaged since, so that the resume went past it, even
+    though `latest` may still name it; `latest` moved back from it; or `latest` lost and no manifest in
+    it): kept, not overwritten, as ``stepNNNNNN.old`` (``.old2``, ...)."""
     if not any(tag_dir.glob(schema.RANK_FILES)):
         shutil.rmtree(tag_dir)
         return
     aside = _set_aside(tag_dir)
-    log.note(f"{tag_dir} existed already (a checkpoint this run resumed past: damaged, or `latest` was moved "
-             f"back from it): kept as {aside.name}")
+    log.note(f"{tag_dir} existed already (a checkpoint this run went past: it resumed from an older one, the newer "
+             f"damaged or `latest` moved back, or it started over): kept as {aside.name}")
 
 
 def _set_aside(tag_dir: Path) -> Path:
@@ -218,12 +232,14 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, mems, keep: int)
     with writes.through(engine):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     buffer = io.BytesIO()
-    torch.save(rank_state(engine, mems), buffer)
+    with _without_torch_record_crcs():
+        torch.save(rank_state(engine, mems), buffer)
     rank_file = tag_dir / schema.rank_file(rank)
 
     def write_rank_file() -> dict:
-        write_atomic(rank_file, buffer.getvalue())
-        return manifest.of_bytes(buffer.getbuffer())
+        data = buffer.getvalue()
+        write_atomic(rank_file, data)
+        return manifest.of_bytes(data)
 
     writes.attempt(rank_file, write_rank_file)
     # every rank's files are on disk (or some rank failed) before the manifest is written and `latest` moves

@@ -102,7 +102,7 @@ def _followed_latest(ckpt_dir: Path) -> tuple[str | None, str | None]:
     if not text:
         return None, "is empty"
     if "/" in text or text in (".", "..") or not (pointer.parent / text).is_dir():
-        return None, f"names {text[:40]!r}, which is not a directory in {pointer.parent}"
+        return None, f"names {ascii(text[:40])}, which is not a directory in {pointer.parent}"
     return text, None
 
 
