@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 
 import pytest
 
@@ -63,12 +64,24 @@ def test_consolidated_file_evaluates_like_the_run(layout_runs, tmp_path):
 def test_a_checkpoint_with_other_experts_is_refused(layout_runs, corpus, tmp_path):
     shutil.copytree(layout_runs / "ep2", tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
+    # ep_size=1: a resume keeps the saved ep_size 2 unless told, and this is one process
     more_experts = smoe("train", "--out", tmp_path / "run", "--data-file", corpus, *DETERMINISTIC, "num_experts=8",
-                        "k_max=8", "--resume", check=False)
+                        "k_max=8", "ep_size=1", "--resume", check=False)
     assert more_experts.returncode == 2 and "num_experts: saved 4, now 8" in more_experts.stderr
     (checkpoints / "step000006" / "layer_1_expert_3_mp_rank_00_model_states.pt").unlink()
-    lost_expert = smoe("train", "--out", tmp_path / "run", "--data-file", corpus, *DETERMINISTIC, "--resume", check=False)
+    lost_expert = smoe("train", "--out", tmp_path / "run", "--data-file", corpus, *DETERMINISTIC, "ep_size=1", "--resume",
+                       check=False)
     assert lost_expert.returncode == 2
     assert "layer_1_expert_3_mp_rank_00_model_states.pt missing" in lost_expert.stderr
     assert (checkpoints / "latest").read_text() == "step000006"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step000006"]
+
+
+def test_the_manifest_of_a_two_rank_save_holds_every_rank_s_files(layout_runs):
+    """Each rank checksums what it writes and rank 0 gathers the entries: the manifest matches the bytes."""
+    tag_dir = layout_runs / "ep2" / "checkpoints" / "step000006"
+    files = {p.name: p.read_bytes() for p in tag_dir.iterdir() if p.name != "manifest.json"}
+    assert {"rank0.pt", "rank1.pt", "expp_rank_0_mp_rank_00_optim_states.pt",
+            "expp_rank_1_mp_rank_00_optim_states.pt"} <= set(files)
+    assert json.loads((tag_dir / "manifest.json").read_text())["files"] == {
+        name: {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"} for name, data in files.items()}
