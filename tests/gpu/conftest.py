@@ -1,7 +1,8 @@
 """The GPU tier: real CUDA runs of `smoe train` / `smoe eval` and of the layer, on one GPU.
 
-Run it with ``bash scripts/gpu-check.sh`` (prerequisites, these tests, a benchmark and one
-summary table) or ``python -m pytest tests/gpu -rA``. Every test here is marked ``gpu``
+Run it with ``bash scripts/gpu-check.sh`` (the one-GPU check: these tests are its gpu-tests
+part, after the exchange, train/eval, export and benchmark parts; docs/gpus.md) or
+``python -m pytest tests/gpu -rA``. Every test here is marked ``gpu``
 (``-m "not gpu"`` leaves them out) and skipped with a reason where CUDA is not available,
 so the CPU suite collects them and reports them skipped in no time.
 
