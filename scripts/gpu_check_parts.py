@@ -56,6 +56,10 @@ SIZES = {
 }
 PATHS = ("auto", "sorted", "grouped", "masked-dense")  # the layer benchmark's dispatch runs
 GROUPED_REFUSED = "dispatch 'grouped' needs"  # the layer's refusal, where grouped_mm cannot take the shapes
+# What every part imports (the environment fails without them), and what only some need: datasets the
+# GPU tier's masked-LM tests, pytest the GPU tier itself.
+NEEDED = ("smoe", "deepspeed", "transformers", "tensorboard", "safetensors")
+NEEDED_BY_SOME = ("datasets", "pytest")
 INSTALL = ("install a CUDA build of torch, DeepSpeed 0.19, datasets, transformers, tensorboard, safetensors and "
            "pytest (pip install -e '.[test]'), or carry them as wheels: bash scripts/gpu-wheels.sh DIR, then "
            "bash scripts/gpu-check.sh --wheels DIR")
@@ -185,33 +189,29 @@ def environment(ctx: Context) -> str:
         built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         raise Failed(f"torch {torch.__version__} ({built}) sees no CUDA GPU: check nvidia-smi and "
                      f"CUDA_VISIBLE_DEVICES, or run the CPU mode (--cpu); {INSTALL}")
-    missing = []
-    for name in ("smoe", "deepspeed", "datasets", "transformers", "tensorboard", "safetensors", "pytest"):
+    imported, missing = {}, {}
+    for name in (*NEEDED, *NEEDED_BY_SOME):
         try:
-            importlib.import_module(name)
+            imported[name] = importlib.import_module(name)
         except Exception as error:  # an ImportError, or DeepSpeed failing to set up its accelerator
-            missing.append(f"{name} ({type(error).__name__}: {error})")
-    if missing:
-        raise Failed("cannot import " + "; ".join(missing) + f": {INSTALL}")
-    import datasets
-    import deepspeed
-    import transformers
+            missing[name] = f"{name} ({type(error).__name__}: {error})"
+    if set(missing) & set(NEEDED):
+        raise Failed("cannot import " + "; ".join(missing.values()) + f": {INSTALL}")
     from deepspeed.accelerator import get_accelerator
 
-    import smoe
     from smoe.launcher.bench.infer import device_name
 
-    if Path(smoe.__file__).resolve().parent != REPO:
-        raise Failed(f"smoe imports from {Path(smoe.__file__).parent}, not this checkout ({REPO})")
+    if Path(imported["smoe"].__file__).resolve().parent != REPO:
+        raise Failed(f"smoe imports from {Path(imported['smoe'].__file__).parent}, not this checkout ({REPO})")
     if get_accelerator().device_name() != ctx.device:
         raise Failed(f"DeepSpeed chose the {get_accelerator().device_name()} accelerator, not {ctx.device}: "
                      "check DS_ACCELERATOR and the deepspeed install")
+    versions = {name: getattr(imported.get(name), "__version__", "cannot import") for name in
+                ("deepspeed", "transformers", "datasets", "pytest")}
     env = {"device": device_name(torch.device(ctx.device)), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-           "datasets": datasets.__version__, "python": platform.python_version(),
+           **versions, "python": platform.python_version(), "missing": list(missing.values()),
            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "imported_from": {module.__name__: str(Path(module.__file__).parent.parent)
-                             for module in (deepspeed, datasets, transformers)}}
+           "imported_from": {name: str(Path(module.__file__).parent.parent) for name, module in imported.items()}}
     if ctx.device == "cuda":
         env.update(memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
                    capability="%d.%d" % torch.cuda.get_device_capability(0), gpu_count=torch.cuda.device_count())
@@ -220,7 +220,8 @@ def environment(ctx: Context) -> str:
     where = (f"{env['device']} ({env['memory_gib']} GiB, compute capability {env['capability']}, "
              f"{env['gpu_count']} visible)" if ctx.device == "cuda" else env["device"])
     return (f"{where}; torch {env['torch']} (CUDA {env['cuda']}), DeepSpeed {env['deepspeed']}, transformers "
-            f"{env['transformers']}, datasets {env['datasets']}, Python {env['python']}")
+            f"{env['transformers']}, datasets {env['datasets']}, Python {env['python']}"
+            + "".join(f"; cannot import {m}: the parts that need it fail" for m in missing.values()))
 
 
 def relative_error(got, want) -> float:
