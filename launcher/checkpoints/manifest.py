@@ -77,10 +77,9 @@ def first_mismatch(tag_dir: Path, entries: dict[str, dict]) -> tuple[str, str] |
         path = tag_dir / name
         if not path.is_file():
             return name, "missing"
-        size = path.stat().st_size
-        if size != entry["size"]:
-            return name, (f"{size} bytes, {entry['size']} when saved ({'truncated' if size < entry['size'] else 'grown'}"
-                          " since the save)")
+        size, saved = path.stat().st_size, entry["size"]
+        if size != saved:
+            return name, f"{size} bytes, {saved} when saved ({'truncated' if size < saved else 'grown'} since the save)"
     for name, entry in entries.items():
         if of_file(tag_dir / name)["crc32"] != entry["crc32"]:
             return name, "checksum mismatch: its bytes changed since the save (a flipped bit or a bad copy)"

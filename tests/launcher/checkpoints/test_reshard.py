@@ -69,8 +69,8 @@ def test_a_checkpoint_with_other_experts_is_refused(layout_runs, corpus, tmp_pat
                         "k_max=8", "ep_size=1", "--resume", check=False)
     assert more_experts.returncode == 2 and "num_experts: saved 4, now 8" in more_experts.stderr
     (checkpoints / "step000006" / "layer_1_expert_3_mp_rank_00_model_states.pt").unlink()
-    lost_expert = smoe("train", "--out", tmp_path / "run", "--data-file", corpus, *DETERMINISTIC, "ep_size=1", "--resume",
-                       check=False)
+    lost_expert = smoe("train", "--out", tmp_path / "run", "--data-file", corpus, *DETERMINISTIC, "ep_size=1",
+                       "--resume", check=False)
     assert lost_expert.returncode == 2
     assert "layer_1_expert_3_mp_rank_00_model_states.pt missing" in lost_expert.stderr
     assert (checkpoints / "latest").read_text() == "step000006"
