@@ -1,6 +1,6 @@
 """What the manifest's checksums cost at the paper's BERT size (`bert-paper`, AdamW): a measurement, not a test.
 
-    DS_ACCELERATOR=cpu python tests/launcher/checkpoints/hashing_cost.py DIR
+    DS_ACCELERATOR=cpu python scripts/checkpoint_hashing_cost.py DIR
 
 Builds the model and its DeepSpeed engine on one process, gives AdamW its moments (one step on zero
 gradients), then times real saves (:func:`smoe.launcher.checkpoints.save`: DeepSpeed's files, the rank
