@@ -18,7 +18,11 @@ Four ways to compute the same thing:
 Across ranks, :mod:`smoe.model.expert_parallel` runs these experts on the tokens it receives.
 Only torch is imported here: `smoe export` copies this module into the exported model.
 
-Shapes: T tokens, D model width, K top-k, N experts, A = T*K assignments, H hidden units of one expert.
+Every path runs both expert kinds of :class:`smoe.model.mlp.MLP`, plain and gated (fc1's 2H outputs
+[gate | up]), with or without biases.
+
+Shapes: T tokens, D model width, K top-k, N experts, A = T*K assignments, H hidden units of one expert
+(fc1 has F outputs: H, or 2H when gated).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from smoe.model.mlp import activate
 from smoe.routing import Routes
 
 # From which share of (token, expert) pairs chosen running every expert on every token (the
@@ -93,14 +98,14 @@ GROUPED_MM_CUDA_MAJORS = (9, 10)
 def groupable(experts, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
     """Whether grouped_mm runs these experts as one kernel per projection with no host sync: on
     the CPU in fp32 or bf16, on CUDA in bf16 at a compute capability of :data:`GROUPED_MM_CUDA_MAJORS`
-    (not ROCm); every row a multiple of 16 bytes."""
+    (not ROCm); every row (of fc1 and fc2) a multiple of 16 bytes."""
     device = torch.device(device)
     if device.type == "cuda":
         supported = (dtype == torch.bfloat16 and torch.version.hip is None
                      and torch.cuda.get_device_capability(device)[0] in GROUPED_MM_CUDA_MAJORS)
     else:
         supported = dtype in (torch.float32, torch.bfloat16)
-    return supported and all(n * dtype.itemsize % 16 == 0 for n in experts[0].fc1.weight.shape)
+    return supported and all(n * dtype.itemsize % 16 == 0 for n in experts[0].fc2.weight.shape)
 
 
 class ExpertBias(torch.autograd.Function):
@@ -131,12 +136,19 @@ def run_experts_grouped(experts, x_AD: torch.Tensor, counts: torch.Tensor) -> to
     first = experts[0]
     ends = counts.cumsum(0).to(torch.int32)
     expert_A = torch.repeat_interleave(torch.arange(len(experts), device=x_AD.device), counts,
-                                       output_size=x_AD.shape[0])
-    w1_NHD, b1_NH, w2_NDH, b2_ND = (torch.stack(tensors) for tensors in zip(
-        *((e.fc1.weight, e.fc1.bias, e.fc2.weight, e.fc2.bias) for e in experts)))
-    h_AH = ExpertBias.apply(F.grouped_mm(x_AD, w1_NHD.transpose(-2, -1), offs=ends), b1_NH, expert_A)
-    h_AH = first.dropout(first.act(h_AH))
-    return ExpertBias.apply(F.grouped_mm(h_AH, w2_NDH.transpose(-2, -1), offs=ends), b2_ND, expert_A)
+                                       output_size=x_AD.shape[0]) if first.has_bias else None
+
+    def project(rows_AI, linears):
+        """The rows through each expert's linear, one grouped GEMM, plus its bias where it has one."""
+        out_AO = F.grouped_mm(rows_AI, torch.stack([linear.weight for linear in linears]).transpose(-2, -1),
+                              offs=ends)
+        if expert_A is None:
+            return out_AO
+        return ExpertBias.apply(out_AO, torch.stack([linear.bias for linear in linears]), expert_A)
+
+    h_AF = project(x_AD, [e.fc1 for e in experts])
+    a_AH = first.dropout(activate(h_AF, first.activation_name, first.gated))
+    return project(a_AH, [e.fc2 for e in experts])
 
 
 def grouped_combine(experts, x_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
@@ -159,7 +171,7 @@ def gated_dense(experts, x_TD: torch.Tensor, gate_TN: torch.Tensor) -> torch.Ten
     for e, expert in enumerate(experts):
         y_TD = y_TD + GatedExpert.apply(x_TD, expert.fc1.weight, expert.fc1.bias, expert.fc2.weight, expert.fc2.bias,
                                         gate_TN[:, e:e + 1], _dropout_mask(expert, x_TD.shape[0], x_TD),
-                                        1.0 / (1.0 - expert.dropout.p), expert.activation_name)
+                                        1.0 / (1.0 - expert.dropout.p), expert.activation_name, expert.gated)
     return y_TD
 
 
@@ -171,48 +183,70 @@ def _gate_hidden_(v_TH, gate_T1, keep_TH, scale):
     return v_TH
 
 
-def _activation(h_TH, name):
-    return F.relu(h_TH) if name == "relu" else F.gelu(h_TH)
-
-
 def _activation_grad_(grad_TH, h_TH, name):
     """In place: grad * act'(h) for the activations of :data:`smoe.model.mlp.ACTIVATIONS`."""
     if name == "relu":
         return grad_TH.mul_(h_TH > 0)
+    if name == "silu":  # silu(h) = h s(h), s the sigmoid: silu'(h) = s(h) (1 + h (1 - s(h)))
+        s_TH = torch.sigmoid(h_TH)
+        return grad_TH.mul_(s_TH).mul_((1 - s_TH).mul_(h_TH).add_(1))
+    if name == "gelu_tanh":  # 0.5 h (1 + tanh(u)), u = c (h + 0.044715 h^3): 0.5 (1 + t) + 0.5 h (1 - t^2) u'
+        c = math.sqrt(2 / math.pi)
+        h2_TH = h_TH.square()
+        t_TH = torch.tanh((h2_TH * 0.044715).add_(1).mul_(h_TH).mul_(c))
+        du_TH = h2_TH.mul_(3 * 0.044715 * c).add_(c)
+        slope_TH = t_TH.square().neg_().add_(1).mul_(du_TH).mul_(h_TH).add_(t_TH).add_(1).mul_(0.5)
+        return grad_TH.mul_(slope_TH)
     # gelu(h) = h * Phi(h), so gelu'(h) = Phi(h) + h * phi(h)
     slope_TH = h_TH.square().mul_(-0.5).exp_().mul_(h_TH).mul_((2 * math.pi) ** -0.5)
     slope_TH += torch.special.ndtr(h_TH)
     return grad_TH.mul_(slope_TH)
 
 
-def _expert_forward(x_RD, w1_HD, b1_H, w2_DH, b2_D, gate_R1, keep_RH, scale, activation):
-    """y = (dropout(act(x W1^T + b1)) * gate) W2^T + gate * b2, and the hidden units h."""
-    h_RH = F.linear(x_RD, w1_HD, b1_H)
-    z_RH = _gate_hidden_(_activation(h_RH, activation), gate_R1, keep_RH, scale)
-    return F.linear(z_RH, w2_DH) + gate_R1 * b2_D, h_RH
+def _hidden_grad_(grad_a_RH, h_RF, activation, gated):
+    """fc1's output gradient from the hidden units' (overwritten): grad * act'(h), or for a gated
+    expert, h = [gate | up] and a = act(gate) * up, d gate = grad * up * act'(gate), d up = grad * act(gate)."""
+    if not gated:
+        return _activation_grad_(grad_a_RH, h_RF, activation)
+    gate_RH, up_RH = h_RF.chunk(2, dim=-1)
+    grad_up_RH = grad_a_RH * activate(gate_RH, activation, False)
+    return torch.cat([_activation_grad_(grad_a_RH.mul_(up_RH), gate_RH, activation), grad_up_RH], dim=-1)
 
 
-def _expert_backward(grad_y_RD, x_RD, w1_HD, w2_DH, b2_D, h_RH, gate_R1, keep_RH, scale, activation):
-    """The gradients of :func:`_expert_forward` for x, W1, b1, W2, b2 and the gate, the gated
-    activation recomputed from h."""
-    a_RH = _activation(h_RH, activation)  # dropout(act(h)), ungated
+def _expert_forward(x_RD, w1_FD, b1_F, w2_DH, b2_D, gate_R1, keep_RH, scale, activation, gated):
+    """y = (dropout(a(x W1^T + b1)) * gate) W2^T + gate * b2, a the activation (times up when gated),
+    and fc1's output h. The biases may be None."""
+    h_RF = F.linear(x_RD, w1_FD, b1_F)
+    z_RH = _gate_hidden_(activate(h_RF, activation, gated), gate_R1, keep_RH, scale)
+    y_RD = F.linear(z_RH, w2_DH)
+    return (y_RD if b2_D is None else y_RD + gate_R1 * b2_D), h_RF
+
+
+def _expert_backward(grad_y_RD, x_RD, w1_FD, w2_DH, b2_D, h_RF, gate_R1, keep_RH, scale, activation, gated):
+    """The gradients of :func:`_expert_forward` for x, W1, b1, W2, b2 and the gate, the hidden units
+    recomputed from h. An expert has both biases or neither: without b2, None for both."""
+    a_RH = activate(h_RF, activation, gated)  # dropout(a(h)), ungated
     if keep_RH is not None:
         a_RH.mul_(keep_RH).mul_(scale)
     grad_w2_DH = grad_y_RD.T @ (a_RH * gate_R1)
-    grad_b2_D = (grad_y_RD * gate_R1).sum(0)
     grad_z_RH = grad_y_RD @ w2_DH
-    grad_gate_R1 = (torch.einsum("rh,rh->r", grad_z_RH, a_RH) + grad_y_RD @ b2_D)[:, None]
+    grad_gate_R1 = torch.einsum("rh,rh->r", grad_z_RH, a_RH)[:, None]
+    grad_b2_D = None
+    if b2_D is not None:
+        grad_b2_D = (grad_y_RD * gate_R1).sum(0)
+        grad_gate_R1 += (grad_y_RD @ b2_D)[:, None]
     del a_RH
     if keep_RH is not None:
         grad_z_RH.mul_(keep_RH).mul_(scale)
-    grad_h_RH = _activation_grad_(grad_z_RH.mul_(gate_R1), h_RH, activation)
-    return grad_h_RH @ w1_HD, grad_h_RH.T @ x_RD, grad_h_RH.sum(0), grad_w2_DH, grad_b2_D, grad_gate_R1
+    grad_h_RF = _hidden_grad_(grad_z_RH.mul_(gate_R1), h_RF, activation, gated)
+    grad_b1_F = None if b2_D is None else grad_h_RF.sum(0)
+    return grad_h_RF @ w1_FD, grad_h_RF.T @ x_RD, grad_b1_F, grad_w2_DH, grad_b2_D, grad_gate_R1
 
 
 def _dropout_mask(expert, num_rows: int, like: torch.Tensor) -> torch.Tensor | None:
     if not (expert.dropout.training and expert.dropout.p > 0):
         return None
-    return torch.rand(num_rows, expert.fc1.out_features, device=like.device, dtype=like.dtype) >= expert.dropout.p
+    return torch.rand(num_rows, expert.d_ff, device=like.device, dtype=like.dtype) >= expert.dropout.p
 
 
 def _expert_tensors(experts) -> list[torch.Tensor]:
@@ -221,22 +255,22 @@ def _expert_tensors(experts) -> list[torch.Tensor]:
 
 class GatedExpert(torch.autograd.Function):
     """One expert on every token with gated hidden units (the masked-dense path). Keeps for
-    backward only the hidden units h, the gate and a boolean dropout mask (x is the layer's
+    backward only fc1's output h, the gate and a boolean dropout mask (x is the layer's
     input, the same tensor for every expert): no more hidden-size tensors than the dense MLP."""
 
     @staticmethod
-    def forward(ctx, x_TD, w1_HD, b1_H, w2_DH, b2_D, gate_T1, keep_TH, scale, activation):
-        ctx.scale, ctx.activation = scale, activation
-        y_TD, h_TH = _expert_forward(x_TD, w1_HD, b1_H, w2_DH, b2_D, gate_T1, keep_TH, scale, activation)
-        ctx.save_for_backward(x_TD, w1_HD, w2_DH, b2_D, h_TH, gate_T1, keep_TH)
+    def forward(ctx, x_TD, w1_FD, b1_F, w2_DH, b2_D, gate_T1, keep_TH, scale, activation, gated):
+        ctx.scale, ctx.activation, ctx.gated = scale, activation, gated
+        y_TD, h_TF = _expert_forward(x_TD, w1_FD, b1_F, w2_DH, b2_D, gate_T1, keep_TH, scale, activation, gated)
+        ctx.save_for_backward(x_TD, w1_FD, w2_DH, b2_D, h_TF, gate_T1, keep_TH)
         return y_TD
 
     @staticmethod
     def backward(ctx, grad_y_TD):
-        x_TD, w1_HD, w2_DH, b2_D, h_TH, gate_T1, keep_TH = ctx.saved_tensors
+        x_TD, w1_FD, w2_DH, b2_D, h_TF, gate_T1, keep_TH = ctx.saved_tensors
         grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gate = _expert_backward(
-            grad_y_TD, x_TD, w1_HD, w2_DH, b2_D, h_TH, gate_T1, keep_TH, ctx.scale, ctx.activation)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gate, None, None, None
+            grad_y_TD, x_TD, w1_FD, w2_DH, b2_D, h_TF, gate_T1, keep_TH, ctx.scale, ctx.activation, ctx.gated)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gate, None, None, None, None
 
 
 class RoutedExperts(torch.autograd.Function):
@@ -247,18 +281,19 @@ class RoutedExperts(torch.autograd.Function):
     inputs or of the outputs, and the input gradient is one (T x d) sum."""
 
     @staticmethod
-    def forward(ctx, x_TD, token_A, weight_A, counts, dropouts, scale, activation, *tensors):
-        ctx.counts, ctx.scale, ctx.activation, ctx.weight_dtype = counts, scale, activation, weight_A.dtype
+    def forward(ctx, x_TD, token_A, weight_A, counts, dropouts, scale, activation, gated, *tensors):
+        ctx.counts, ctx.scale, ctx.weight_dtype = counts, scale, weight_A.dtype
+        ctx.activation, ctx.gated = activation, gated
         gate_A1 = weight_A.to(x_TD.dtype)[:, None]
         y_TD = torch.zeros_like(x_TD)
         hidden, start = [], 0
         for e, (count, keep_RH) in enumerate(zip(counts, dropouts)):
             rows_R = token_A[start:start + count]
-            w1_HD, b1_H, w2_DH, b2_D = tensors[4 * e:4 * e + 4]
-            y_RD, h_RH = _expert_forward(x_TD[rows_R], w1_HD, b1_H, w2_DH, b2_D, gate_A1[start:start + count], keep_RH,
-                                         scale, activation)
+            w1_FD, b1_F, w2_DH, b2_D = tensors[4 * e:4 * e + 4]
+            y_RD, h_RF = _expert_forward(x_TD[rows_R], w1_FD, b1_F, w2_DH, b2_D, gate_A1[start:start + count], keep_RH,
+                                         scale, activation, gated)
             y_TD.index_add_(0, rows_R, y_RD)
-            hidden.append(h_RH)
+            hidden.append(h_RF)
             start += count
         ctx.save_for_backward(x_TD, token_A, gate_A1, *tensors, *hidden, *dropouts)
         return y_TD
@@ -272,16 +307,16 @@ class RoutedExperts(torch.autograd.Function):
         grad_tensors, grad_gates, start = [], [], 0
         for e, count in enumerate(ctx.counts):
             rows_R = token_A[start:start + count]
-            w1_HD, _, w2_DH, b2_D = tensors[4 * e:4 * e + 4]
+            w1_FD, _, w2_DH, b2_D = tensors[4 * e:4 * e + 4]
             grad_x_RD, *grads, grad_gate_R1 = _expert_backward(
-                grad_y_TD[rows_R], x_TD[rows_R], w1_HD, w2_DH, b2_D, hidden[e], gate_A1[start:start + count],
-                dropouts[e], ctx.scale, ctx.activation)
+                grad_y_TD[rows_R], x_TD[rows_R], w1_FD, w2_DH, b2_D, hidden[e], gate_A1[start:start + count],
+                dropouts[e], ctx.scale, ctx.activation, ctx.gated)
             grad_x_TD.index_add_(0, rows_R, grad_x_RD)
             grad_tensors += grads
             grad_gates.append(grad_gate_R1)
             start += count
         grad_weight_A = torch.cat(grad_gates)[:, 0].to(ctx.weight_dtype) if grad_gates else None
-        return (grad_x_TD, None, grad_weight_A, None, None, None, None, *grad_tensors)
+        return (grad_x_TD, None, grad_weight_A, None, None, None, None, None, *grad_tensors)
 
 
 def routed_experts(experts, x_TD: torch.Tensor, token_A: torch.Tensor, weight_A: torch.Tensor,
@@ -290,7 +325,7 @@ def routed_experts(experts, x_TD: torch.Tensor, token_A: torch.Tensor, weight_A:
     first = experts[0]
     dropouts = [_dropout_mask(expert, count, x_TD) for expert, count in zip(experts, counts)]
     return RoutedExperts.apply(x_TD, token_A, weight_A, counts, dropouts, 1.0 / (1.0 - first.dropout.p),
-                               first.activation_name, *_expert_tensors(experts))
+                               first.activation_name, first.gated, *_expert_tensors(experts))
 
 
 # The single-rank paths by name (`MoEConfig.dispatch`); expert-parallel is chosen by ep_size.

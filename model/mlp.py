@@ -1,53 +1,78 @@
 """The feed-forward block ``d -> d_ff -> d`` and its split into experts.
 
 An expert is the same module as the dense MLP, only ``d_ff / N`` wide: SMoE-Dropout
-keeps the parameter count of the dense model it replaces.
+keeps the parameter count of the dense model it replaces. Two kinds: the plain MLP
+(``fc2(act(fc1 x))``: BERT, Transformer-XL, GPT-2) and the gated one of Llama, Mistral and
+Qwen (``fc2(act(gate x) * up x)``, SwiGLU with ``silu``), whose fc1 holds the gate and the up
+projection as one weight of ``2 d_ff`` rows, gate rows first, so that every dispatch path
+keeps one fc1/fc2 pair per expert.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+# gelu_tanh: GELU with the tanh approximation, GPT-2's "gelu_new"; silu: Llama's SwiGLU gate.
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "silu": F.silu}
+
+
+def activate(h: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """The hidden units from fc1's output h: act(h), or act(gate) * up where h is [gate | up]."""
+    if not gated:
+        return ACTIVATIONS[activation](h)
+    gate, up = h.chunk(2, dim=-1)
+    return ACTIVATIONS[activation](gate) * up
 
 
 class MLP(nn.Module):
-    """fc1 -> activation -> dropout on the hidden units -> fc2.
+    """fc1 -> activation (times the up projection when gated) -> dropout on the hidden units -> fc2.
 
     ``dropout`` is a probability (plain dropout) or any module applied to the hidden
-    units (the dense baselines pass Concrete Dropout or DropBlock).
+    units (the dense baselines pass Concrete Dropout or DropBlock). ``bias=False`` makes
+    fc1 and fc2 without bias parameters, as the decoder LMs have them.
     """
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float | nn.Module = 0.0):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float | nn.Module = 0.0,
+                 gated: bool = False, bias: bool = True):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation '{activation}' is unknown: use one of {', '.join(ACTIVATIONS)}")
         self.activation_name = activation
-        self.fc1 = nn.Linear(d_model, d_ff)
-        self.act = ACTIVATIONS[activation]()
+        self.gated = gated
+        self.d_ff = d_ff  # hidden units; fc1 gives 2 d_ff outputs (gate and up) when gated
+        self.fc1 = nn.Linear(d_model, 2 * d_ff if gated else d_ff, bias=bias)
+        self.act = ACTIVATIONS[activation]
         self.dropout = dropout if isinstance(dropout, nn.Module) else nn.Dropout(dropout)
-        self.fc2 = nn.Linear(d_ff, d_model)
+        self.fc2 = nn.Linear(d_ff, d_model, bias=bias)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.fc1.bias is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dropout(self.act(self.fc1(x))))
+        return self.fc2(self.dropout(activate(self.fc1(x), self.activation_name, self.gated)))
 
     def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
         """normal(0, std) weights and zero biases, as Transformer-XL initialises every Linear."""
         with torch.no_grad():
             for linear in (self.fc1, self.fc2):
                 linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * std)
-                linear.bias.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
 
 
 def modularize(dense: MLP, num_experts: int) -> list[MLP]:
     """Split a dense MLP into ``num_experts`` experts, each ``d_ff / N`` hidden units.
 
-    Expert i takes rows ``i*h:(i+1)*h`` of fc1 and the same columns of fc2, and
-    ``fc2.bias / N``, so the experts' outputs summed with weight 1 are exactly the
-    dense MLP's output (dropout aside).
+    Expert i takes rows ``i*h:(i+1)*h`` of fc1 (of its gate and of its up projection when
+    gated) and the same columns of fc2, and ``fc2.bias / N``, so the experts' outputs summed
+    with weight 1 are exactly the dense MLP's output (dropout aside).
     """
-    d_ff = dense.fc1.out_features
+    d_ff = dense.d_ff
     if d_ff % num_experts:
         raise ValueError(f"the dense MLP's hidden size ({d_ff}) is not divisible by num_experts "
                          f"({num_experts}): choose num_experts dividing {d_ff}")
@@ -57,10 +82,12 @@ def modularize(dense: MLP, num_experts: int) -> list[MLP]:
     with torch.no_grad():
         for i in range(num_experts):
             rows = slice(i * width, (i + 1) * width)
-            expert = MLP(dense.fc1.in_features, width, dense.activation_name, p)
-            expert.fc1.weight.copy_(dense.fc1.weight[rows])
-            expert.fc1.bias.copy_(dense.fc1.bias[rows])
+            fc1_rows = [rows, slice(d_ff + rows.start, d_ff + rows.stop)] if dense.gated else [rows]
+            expert = MLP(dense.fc1.in_features, width, dense.activation_name, p, dense.gated, dense.has_bias)
+            expert.fc1.weight.copy_(torch.cat([dense.fc1.weight[r] for r in fc1_rows]))
             expert.fc2.weight.copy_(dense.fc2.weight[:, rows])
-            expert.fc2.bias.copy_(dense.fc2.bias / num_experts)
+            if dense.has_bias:
+                expert.fc1.bias.copy_(torch.cat([dense.fc1.bias[r] for r in fc1_rows]))
+                expert.fc2.bias.copy_(dense.fc2.bias / num_experts)
             experts.append(expert)
     return experts

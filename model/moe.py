@@ -44,7 +44,7 @@ class MoEConfig:
     k: int = 1  # top-k at construction; the training loop changes it with SMoE.set_top_k
     router: str = "random-frozen"
     ep_size: int = 1
-    activation: str = "relu"
+    activation: str = "relu"  # one of smoe.model.mlp.ACTIVATIONS
     dropout: float = 0.1  # on each expert's hidden units, as in the dense MLP
     router_options: RouterOptions = RouterOptions()  # the router's own options (balance loss, ...)
     vocab_size: int | None = None  # hash router only
@@ -57,6 +57,10 @@ class MoEConfig:
     # depends on the model (docs/quality.md; runs take the model's default from the config).
     # Kept as the number, so a slimmed layer (fewer experts) keeps the scale it was trained with.
     combine_scale: float | None = None
+    # The experts' kind (smoe.model.mlp.MLP): gated experts compute act(gate x) * up x, the MLPs of
+    # Llama, Mistral and Qwen (SwiGLU with activation="silu"); the decoder LMs' MLPs have no biases.
+    gated: bool = False
+    bias: bool = True
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -141,7 +145,7 @@ class ExpertDispatcher(MOELayer):
                 raise ValueError(f"dispatch 'grouped' needs fp32 or bf16 on the CPU, or bf16 on a CUDA GPU of compute "
                                  f"capability {majors} (H100, H200, B200; elsewhere torch's grouped_mm copies the "
                                  f"offsets to the host and loops over the experts), and expert widths (d_model "
-                                 f"{x_TD.shape[1]}, d_ff / num_experts {experts[0].fc1.out_features}) of 16-byte "
+                                 f"{x_TD.shape[1]}, d_ff / num_experts {experts[0].d_ff}) of 16-byte "
                                  f"multiples; this is {here}: use dispatch=sorted or dispatch=auto")
             y_TD = COMBINES[path](experts, x_TD, routes)
         return y_TD.reshape(x.shape)
@@ -172,7 +176,8 @@ class SMoE(MoE):
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
 
-        expert = MLP(config.d_model, config.d_ff // config.num_experts, config.activation, config.dropout)
+        expert = MLP(config.d_model, config.d_ff // config.num_experts, config.activation, config.dropout,
+                     config.gated, config.bias)
         router = build_router(config.router, config.router_options, d_model=config.d_model,
                               num_experts=config.num_experts, k=config.k, seed=config.seed,
                               vocab_size=config.vocab_size, rank=rank)

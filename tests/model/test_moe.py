@@ -6,9 +6,14 @@ import torch
 from smoe.model import MLP, DenseConfig, DenseFFN, MoEConfig, SMoE, modularize, optimizer_param_groups
 from smoe.model.autotune import set_auto_paths
 from smoe.model.dense import ConcreteDropout, DropBlock1d
+from smoe.model.dispatch import _hidden_grad_
+from smoe.model.mlp import ACTIVATIONS, activate
 from smoe.routing import ROUTERS
 
 CFG = MoEConfig(d_model=16, d_ff=128, num_experts=16, k=1, dropout=0.0, vocab_size=40, seed=5)
+# The expert kinds besides the default (relu or gelu, biased): Llama's SwiGLU, GPT-2's MLP, a biased GLU.
+KINDS = {"swiglu": dict(activation="silu", gated=True, bias=False), "gpt2": dict(activation="gelu_tanh"),
+         "biased-glu": dict(activation="gelu_tanh", gated=True)}
 
 
 def batch(seed=0, shape=(3, 11)):
@@ -69,11 +74,77 @@ def test_fast_paths_equal_the_reference_loop(router, k, combine_scale):
             torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=f"{dispatch}: {name}")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 2, 5, 13, 16])
+def test_fast_paths_equal_the_reference_loop_for_every_expert_kind(kind, k):
+    layer = SMoE(replace(CFG, router="learned", k=k, **KINDS[kind]))
+    for expert in layer.local_experts:  # biases that matter
+        for name, p in expert.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.normal_(p, std=0.1)
+    x, ids = batch(k)
+    y_ref, gx_ref, g_ref = _run(layer, "reference", x, ids)
+    assert any(".experts." in name and "bias" in name for name in g_ref) == layer.config.bias
+    for dispatch in ("sorted", "grouped", "masked-dense"):
+        y, gx, g = _run(layer, dispatch, x, ids)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+        assert g.keys() == g_ref.keys()
+        for name, want in g_ref.items():  # fp32 rounding, on the scale of the whole tensor
+            torch.testing.assert_close(g[name], want, rtol=1e-4, atol=1e-6 * want.abs().max().item(),
+                                       msg=f"{dispatch}: {name}")
 
-def test_bf16_gradients_of_every_path_match_fp32_at_thousands_of_rows_per_expert():
+
+class _Hidden(torch.autograd.Function):
+    """The hidden units with the dispatch's hand-written gradient, for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, h, activation, gated):
+        ctx.save_for_backward(h)
+        ctx.kind = activation, gated
+        return activate(h, activation, gated)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return _hidden_grad_(grad.clone(), h, *ctx.kind), None, None
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_the_hand_written_activation_gradients_match_finite_differences(activation, gated):
+    h = torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    h.requires_grad_()
+    assert torch.autograd.gradcheck(lambda h: _Hidden.apply(h, activation, gated), (h,))
+
+
+def test_a_bias_free_layer_has_no_bias_parameters_and_the_dense_count_plus_the_router():
+    layer = SMoE(replace(CFG, router="learned", **KINDS["swiglu"]))
+    dense = MLP(16, 128, **KINDS["swiglu"])
+    experts = [p for name, p in layer.named_parameters() if ".experts." in name]
+    assert not [name for name, _ in layer.named_parameters() if ".experts." in name and "bias" in name]
+    assert sum(p.numel() for p in experts) == sum(p.numel() for p in dense.parameters())
+    assert sum(p.numel() for p in layer.parameters()) == sum(p.numel() for p in dense.parameters()) + \
+        sum(p.numel() for p in layer.router.parameters())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_modularized_mlp_of_every_kind_at_k_equals_n_is_the_dense_mlp(kind):
+    torch.manual_seed(1)
+    dense = MLP(16, 128, **KINDS[kind])
+    layer = SMoE(replace(CFG, router="hash", k=16, **KINDS[kind]))
+    layer.load_experts(modularize(dense, 16))
+    x, ids = batch()
+    for dispatch in ("reference", "sorted", "grouped", "masked-dense"):
+        layer.deepspeed_moe.dispatch = dispatch
+        torch.testing.assert_close(layer(x, ids)[0], dense(x), rtol=1e-5, atol=1e-6, msg=dispatch)
+
+
+@pytest.mark.parametrize("kind", ["default", *KINDS])
+def test_bf16_gradients_of_every_path_match_fp32_at_thousands_of_rows_per_expert(kind):
     """A bf16 sum of thousands of rows, one row at a time, keeps little of it (the grouped path's
     bias gradients did: 0.56 to 0.75 relative error here); every path must sum in fp32 and cast once."""
-    config = replace(CFG, d_model=64, d_ff=256, num_experts=4, k=1)
+    config = replace(CFG, d_model=64, d_ff=256, num_experts=4, k=1, **KINDS.get(kind, {}))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16384, 64, generator=g).bfloat16()  # about 4096 rows per expert
     grad_y = (torch.randn(16384, 64, generator=g) + 1).bfloat16()  # a mean, as real gradients have
@@ -239,6 +310,7 @@ def test_experts_differ_and_depend_only_on_the_seed():
     (dict(d_ff=100), r"d_ff \(100\) is not divisible by num_experts \(16\)"),
     (dict(router="switch"), r"router 'switch' is unknown"),
     (dict(dispatch="fast"), r"dispatch 'fast' is unknown"),
+    (dict(activation="swiglu"), r"MoEConfig.activation 'swiglu' is unknown: use one of relu, gelu, gelu_tanh, silu"),
     (dict(router="hash", vocab_size=None), r"vocab_size is needed by the hash router"),
 ])
 def test_bad_config_names_the_field_and_the_fix(changes, message):
@@ -304,10 +376,11 @@ def test_bad_dense_config_is_a_clear_error():
         DenseConfig(16, 128, regularizer="dropblock", block_size=500)
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_masked_dense_gradients_match_autograd_with_dropout(activation):
+@pytest.mark.parametrize("kind", [dict(activation="relu"), dict(activation="gelu"), *KINDS.values()],
+                         ids=["relu", "gelu", *KINDS])
+def test_masked_dense_gradients_match_autograd_with_dropout(kind):
     # the router's weights as they are: the reference below combines with them
-    layer = SMoE(replace(CFG, k=12, dropout=0.3, activation=activation, combine_scale=1.0))
+    layer = SMoE(replace(CFG, k=12, dropout=0.3, combine_scale=1.0, **kind))
     x, _ = batch()
     torch.manual_seed(7)
     y_fast, gx_fast, g_fast = _run(layer, "masked-dense", x, None)
@@ -320,9 +393,11 @@ def test_masked_dense_gradients_match_autograd_with_dropout(activation):
     gate = torch.zeros(x_TD.shape[0], 16).scatter(1, routes.expert_ids_TK, routes.weights_TK)
     y = 0
     for e, expert in enumerate(layer.local_experts):
-        h = expert.fc1(x_TD)
-        keep = torch.rand_like(h) >= 0.3
-        y = y + expert.fc2(expert.act(h) * keep / 0.7 * gate[:, e:e + 1]) - (1 - gate[:, e:e + 1]) * expert.fc2.bias
+        a = activate(expert.fc1(x_TD), expert.activation_name, expert.gated)
+        keep = torch.rand_like(a) >= 0.3
+        y = y + expert.fc2(a * keep / 0.7 * gate[:, e:e + 1])
+        if expert.has_bias:
+            y = y - (1 - gate[:, e:e + 1]) * expert.fc2.bias
     y.square().sum().backward()
     torch.testing.assert_close(y_fast, y.detach().view_as(y_fast))
     torch.testing.assert_close(gx_fast, xr.grad)

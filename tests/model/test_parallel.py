@@ -23,12 +23,12 @@ def _forward_backward(layer, x, ids):
     return y.detach(), x.grad, counts
 
 
-def _compare_ep2_with_ep1(rank, world_size, router, combine_scale=1.0, tokens=TOKENS):
+def _compare_ep2_with_ep1(rank, world_size, router, combine_scale=1.0, tokens=TOKENS, experts=None):
     import deepspeed.comm as dist
 
     ep_rank = init_expert_parallel(2)
     assert ep_rank == rank
-    config = replace(CFG, router=router, combine_scale=combine_scale)
+    config = replace(CFG, router=router, combine_scale=combine_scale, **(experts or {}))
     single = SMoE(config, rank=rank)  # every expert on this rank
     sharded = SMoE(replace(config, ep_size=2), ep_rank=ep_rank, rank=rank)
     sharded.set_deepspeed_parallelism()
@@ -77,6 +77,10 @@ def _compare_ep2_with_ep1(rank, world_size, router, combine_scale=1.0, tokens=TO
 @pytest.mark.parametrize("router", ROUTERS)
 def test_ep2_gives_the_outputs_and_gradients_of_ep1(router):
     spawn(_compare_ep2_with_ep1, 2, router)
+
+
+def test_ep2_gives_the_outputs_and_gradients_of_ep1_for_gated_bias_free_experts():
+    spawn(_compare_ep2_with_ep1, 2, "learned", 16.0, TOKENS, dict(activation="silu", gated=True, bias=False))
 
 
 def test_ep2_honours_the_combine_scale():
