@@ -123,7 +123,8 @@ def weighted_experts(mlp: MLP, num_experts: int, combine_scale: float) -> list[M
         with torch.no_grad():
             for expert in experts:
                 expert.fc2.weight.mul_(factor)
-                expert.fc2.bias.mul_(factor)
+                if expert.has_bias:
+                    expert.fc2.bias.mul_(factor)
     return experts
 
 

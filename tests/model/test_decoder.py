@@ -1,0 +1,120 @@
+"""Upcycling decoder LMs (Llama, Mistral, Qwen2, Qwen3, GPT-2) into SMoE-Dropout models: exact at
+k = N, slimmable below it, trainable, and the refusals. Tiny random-weight models built from configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config,
+                          Qwen3Config)
+
+from smoe.model.decoder import ROUTER_LOGIT_STD, UpcycledMLP, upcycle
+from smoe.model.moe import moe_layers_of, set_top_k, top_k_of
+from smoe.routing import build_router
+
+VOCAB, HIDDEN, INTERMEDIATE, LAYERS = 101, 32, 64, 3
+GATED = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+             num_attention_heads=4, num_key_value_heads=2)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**GATED),
+    "mistral": lambda: MistralConfig(**GATED),
+    "qwen2": lambda: Qwen2Config(**GATED),
+    "qwen3": lambda: Qwen3Config(**GATED, head_dim=8),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=4,
+                               n_positions=32, bos_token_id=0, eos_token_id=0),
+}
+
+
+def dense_model(architecture: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(CONFIGS[architecture]()).eval()
+
+
+def token_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((logits - reference).abs().max() / reference.abs().max())
+
+
+@pytest.mark.parametrize("architecture", CONFIGS)
+@pytest.mark.parametrize("combine_scale", [None, 1.0])
+def test_exact_at_k_equal_n_and_slimmable_below(architecture, combine_scale):
+    dense = dense_model(architecture)
+    model = upcycle(dense, num_experts=4, combine_scale=combine_scale).eval()
+    assert len(moe_layers_of(model)) == LAYERS and top_k_of(model) == 4
+    ids = token_ids()
+    with torch.no_grad():
+        reference = dense(ids).logits
+        assert relative_error(model(ids).logits, reference) < 1e-4
+        set_top_k(model, 2)
+        assert top_k_of(model) == 2
+        assert relative_error(model(ids).logits, reference) > 1e-3  # half the experts: another model
+
+
+def test_selected_layers_only_and_the_dense_model_untouched():
+    dense = dense_model("llama")
+    model = upcycle(dense, num_experts=4, top_k=1, moe_layers="every-2").eval()
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    assert kinds == ["LlamaMLP", "UpcycledMLP", "LlamaMLP"]
+    assert not any(isinstance(module, UpcycledMLP) for module in dense.modules())
+    assert top_k_of(model) == 1
+    with torch.no_grad():
+        set_top_k(model, 4)
+        assert relative_error(model(token_ids()).logits, dense(token_ids()).logits) < 1e-4
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["smoe-dropout", "smoe-learned"])
+def test_parameter_count_is_dense_plus_routers(architecture, method):
+    """The random-frozen router is fp32 buffers (N x (d + 1): weight and zero bias), outside the
+    parameters; the learned router's N x d weight is a parameter. GPT-2's output bias is one per
+    expert (each 1/N of the dense one's, times N / combine_scale): N - 1 more of d each."""
+    dense = dense_model(architecture)
+    model = upcycle(dense, num_experts=4, method=method)
+    parameters = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    buffers = lambda m: sum(b.numel() for b in m.buffers())  # noqa: E731
+    frozen = method == "smoe-dropout"
+    expert_biases = LAYERS * 3 * HIDDEN if architecture == "gpt2" else 0
+    assert parameters(model) == parameters(dense) + expert_biases + (0 if frozen else LAYERS * 4 * HIDDEN)
+    assert buffers(model) == buffers(dense) + (LAYERS * 4 * (HIDDEN + 1) if frozen else 0)
+
+
+def test_the_flattened_router_keeps_the_seeded_choice_with_uniform_weights():
+    """Shrinking the projection keeps each token's order of experts (the seeded random choice of the
+    router smoe builds from that seed) and makes the weights equal to ~ROUTER_LOGIT_STD."""
+    model = upcycle(dense_model("qwen3"), num_experts=4, top_k=2, seed=5)
+    layer = moe_layers_of(model)[1]
+    seeded = build_router("random-frozen", d_model=HIDDEN, num_experts=4, k=2, seed=5 + 101 * 1)
+    x_TD = torch.randn(64, HIDDEN)
+    ours, reference = layer.router(x_TD), seeded(x_TD)
+    assert torch.equal(ours.expert_ids_TK, reference.expert_ids_TK)
+    assert (reference.weights_TK - 0.5).abs().max() > 1e-2  # the unflattened router is far from uniform
+    assert (ours.weights_TK - 0.5).abs().max() < 10 * ROUTER_LOGIT_STD
+
+
+@pytest.mark.parametrize("architecture", ["mistral", "gpt2"])
+def test_backward_gives_finite_expert_gradients(architecture):
+    model = upcycle(dense_model(architecture), num_experts=4, top_k=2).train()
+    ids = token_ids()
+    model(ids, labels=ids).loss.backward()
+    for layer in moe_layers_of(model):
+        for expert in layer.local_experts:
+            grads = [p.grad for p in expert.parameters()]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for expert in layer.local_experts for g in
+                   (p.grad for p in expert.parameters()))
+
+
+def test_refuses_an_unknown_architecture():
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=INTERMEDIATE,
+                                                     num_hidden_layers=1, num_attention_heads=4,
+                                                     word_embed_proj_dim=HIDDEN))
+    with pytest.raises(ValueError, match=r"'opt'.*llama, mistral, qwen2, qwen3, gpt2"):
+        upcycle(opt, num_experts=4)
+
+
+def test_refuses_num_experts_not_dividing_the_intermediate_size():
+    with pytest.raises(ValueError, match=r"intermediate size \(64\) is not divisible by num_experts \(6\)"):
+        upcycle(dense_model("llama"), num_experts=6)
