@@ -13,12 +13,19 @@ weights softmax(top-k logits), equal only if the logits are: the projection is d
 its seed as usual, then shrunk to std ``ROUTER_LOGIT_STD / sqrt(d)``. Shrinking keeps each
 token's order of experts, hence its seeded random top-k choice, while logits of ~1e-6 (the
 MLP's input is normalised, about 1 per element) make the weights uniform to ~1e-6.
+
+An upcycled directory is the dense model's own ``config.json`` (and tokenizer), ``upcycling.json``
+(:class:`Upcycling`: how its MLPs were split) and ``model.safetensors`` under the upcycled
+model's parameter names, every expert under its global id. :func:`build_upcycled` makes the
+structure from the first two, for any expert-parallel rank; :func:`load_upcycled` adds the weights.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,8 +34,10 @@ from torch import nn
 from smoe.model.bert import weighted_experts
 from smoe.model import feedforward
 from smoe.model.mlp import MLP
-from smoe.model.moe import MoEConfig, SMoE
+from smoe.model.moe import MoEConfig, SMoE, global_names
 
+UPCYCLING_FILE = "upcycling.json"
+WEIGHTS_FILE = "model.safetensors"
 ROUTER_LOGIT_STD = 1e-6  # a router logit's std for inputs of unit RMS: weights uniform to about this
 
 # transformers' hidden_act / activation_function -> smoe.model.mlp.ACTIVATIONS
@@ -107,43 +116,163 @@ def flatten_router(moe: SMoE) -> None:
         proj.weight.mul_(ROUTER_LOGIT_STD / proj.weight.shape[1] ** 0.5 / proj.weight.float().std())
 
 
-def upcycle(dense: nn.Module, num_experts: int, top_k: int | None = None, moe_layers: str = "all",
-            combine_scale: float | None = None, seed: int = 0, method: str = "smoe-dropout",
-            dispatch: str = "auto") -> nn.Module:
-    """A copy of the causal LM ``dense`` whose selected layers' MLPs are N experts behind ``method``'s router.
+@dataclass(frozen=True)
+class Upcycling:
+    """How a dense model's MLPs became experts: saved as ``upcycling.json`` beside its config.
 
-    ``top_k`` defaults to N (the dense model back); ``combine_scale`` None is N (inverted
-    dropout), see :class:`~smoe.model.moe.MoEConfig`. Layer i's router and experts are seeded
-    from ``seed + 101 * i``, as :func:`~smoe.model.feedforward.feedforward_factory` does. The
-    dense model is left as it is."""
-    model_type = dense.config.model_type
+    ``combine_scale`` None is N (inverted dropout); ``top_k`` None is N (the dense model back).
+    Layer i's router and experts are seeded from ``seed + 101 * i``, as
+    :func:`~smoe.model.feedforward.feedforward_factory` does."""
+
+    num_experts: int
+    method: str = "smoe-dropout"
+    moe_layers: str = "all"
+    combine_scale: float | None = None
+    seed: int = 0
+    top_k: int | None = None
+
+    def __post_init__(self):
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts ({self.num_experts}) must be at least 1")
+        if self.combine_scale is None:  # recorded as the number it is
+            object.__setattr__(self, "combine_scale", float(self.num_experts))
+        if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be between 1 and num_experts ({self.num_experts})")
+        router = feedforward.get_method(self.method).router
+        if router is None or router == "hash":
+            raise ValueError(f"method '{self.method}' has no router that upcycling can use: use smoe-dropout, or "
+                             "a learned, random or thor method")
+
+    @property
+    def router(self) -> str:
+        return feedforward.get_method(self.method).router
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / UPCYCLING_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> "Upcycling":
+        return cls(**json.loads((Path(directory) / UPCYCLING_FILE).read_text()))
+
+
+def architecture_of(config) -> tuple[Architecture, str]:
+    """The architecture of a transformers config and its MLP's activation, or a refusal naming the supported ones."""
+    model_type = config.model_type
     if model_type not in ARCHITECTURES:
         raise ValueError(f"cannot upcycle a '{model_type}' model: supported model types are "
                          f"{', '.join(ARCHITECTURES)}")
-    router = feedforward.get_method(method).router
-    if router is None or router == "hash":
-        raise ValueError(f"method '{method}' has no router that upcycling can use: use smoe-dropout, or a "
-                         "learned, random or thor method")
     architecture = ARCHITECTURES[model_type]
-    hf_activation = architecture.activation(dense.config)
+    hf_activation = architecture.activation(config)
     if hf_activation not in HF_ACTIVATIONS:
         raise ValueError(f"the '{model_type}' model's activation '{hf_activation}' has no counterpart here: "
                          f"supported are {', '.join(HF_ACTIVATIONS)}")
-    activation = HF_ACTIVATIONS[hf_activation]
-    model = copy.deepcopy(dense)
+    return architecture, HF_ACTIVATIONS[hf_activation]
+
+
+def _install_experts(model: nn.Module, upcycling: Upcycling, split_weights: bool, dispatch: str, ep_size: int,
+                     ep_rank: int) -> nn.Module:
+    """Each selected layer's MLP of ``model`` (in place) as an SMoE layer: its dense weights split
+    (``split_weights``) or the layer's seeded initialisation, to be loaded over."""
+    architecture, activation = architecture_of(model.config)
     layers = architecture.layers(model)
-    for index in feedforward.moe_layers(moe_layers, len(layers)):
+    for index in feedforward.moe_layers(upcycling.moe_layers, len(layers)):
         layer = layers[index]
         mlp = architecture.read_mlp(layer.mlp, activation)
-        if mlp.d_ff % num_experts:
+        if mlp.d_ff % upcycling.num_experts:
             raise ValueError(f"the model's intermediate size ({mlp.d_ff}) is not divisible by num_experts "
-                             f"({num_experts}): pick num_experts dividing {mlp.d_ff}")
-        config = MoEConfig(mlp.fc1.in_features, mlp.d_ff, num_experts, top_k or num_experts, router,
-                           activation=activation, dropout=0.0, seed=seed + 101 * index, dispatch=dispatch,
-                           combine_scale=combine_scale, gated=mlp.gated, bias=mlp.has_bias)
-        moe = SMoE(config)
-        moe.load_experts(weighted_experts(mlp, num_experts, config.combine_scale))
-        flatten_router(moe)
+                             f"({upcycling.num_experts}): pick num_experts dividing {mlp.d_ff}")
+        config = MoEConfig(mlp.fc1.in_features, mlp.d_ff, upcycling.num_experts,
+                           upcycling.top_k or upcycling.num_experts, upcycling.router, activation=activation,
+                           dropout=0.0, seed=upcycling.seed + 101 * index, dispatch=dispatch, ep_size=ep_size,
+                           combine_scale=upcycling.combine_scale, gated=mlp.gated, bias=mlp.has_bias)
+        moe = SMoE(config, ep_rank)
+        if split_weights:
+            moe.load_experts(weighted_experts(mlp, upcycling.num_experts, config.combine_scale))
+            flatten_router(moe)
         weight = next(layer.mlp.parameters())
         layer.mlp = UpcycledMLP(moe.to(weight.device, weight.dtype), architecture.output_dropout(layer.mlp))
     return model
+
+
+def upcycle(dense: nn.Module, num_experts: int, top_k: int | None = None, moe_layers: str = "all",
+            combine_scale: float | None = None, seed: int = 0, method: str = "smoe-dropout",
+            dispatch: str = "auto", ep_size: int = 1, ep_rank: int = 0) -> nn.Module:
+    """A copy of the causal LM ``dense`` whose selected layers' MLPs are N experts behind ``method``'s
+    router (:class:`Upcycling` says what each argument is); this rank holds its ``ep_rank``'s share.
+    The dense model is left as it is."""
+    upcycling = Upcycling(num_experts, method, moe_layers, combine_scale, seed, top_k)
+    architecture_of(dense.config)  # refused before the copy
+    return _install_experts(copy.deepcopy(dense), upcycling, True, dispatch, ep_size, ep_rank)
+
+
+def build_upcycled(hf_config, upcycling: Upcycling, dispatch: str = "auto", ep_size: int = 1,
+                   ep_rank: int = 0) -> nn.Module:
+    """The upcycled model's structure, initialised (the shared weights from torch's global generator,
+    the experts and routers from their seeds), for this expert-parallel rank."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_config(hf_config)
+    return _install_experts(dense, upcycling, False, dispatch, ep_size, ep_rank)
+
+
+def save_upcycled(model: nn.Module, upcycling: Upcycling, directory: Path) -> None:
+    """``config.json``, ``upcycling.json`` and ``model.safetensors`` (every expert: an ep_size 1 model)."""
+    from safetensors.torch import save_file
+
+    if any(moe.ep_size > 1 for moe in _moe_layers(model)):
+        raise ValueError("save_upcycled needs the whole model (ep_size 1); a run's checkpoints hold the others")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    upcycling.save(directory)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(_untied(model, state), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def load_upcycled(directory: Path, dispatch: str = "auto", ep_size: int = 1, ep_rank: int = 0) -> nn.Module:
+    """An upcycled directory as a model: this rank's experts and everything shared, as saved."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    for name in ("config.json", UPCYCLING_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} holds no {name}: pass a directory written by `smoe upcycle`")
+    model = build_upcycled(AutoConfig.from_pretrained(directory), Upcycling.read(directory), dispatch, ep_size,
+                           ep_rank)
+    try:
+        saved = load_file(str(directory / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{directory / WEIGHTS_FILE} cannot be read ({error}): it is damaged; write it again "
+                         "with `smoe upcycle`") from None
+    expected, shapes = global_names(model), {name: t.shape for name, t in model.state_dict().items()}
+    tied = set(_tied_names(model))
+    wrong = [name for local, name in expected.items() if local not in tied
+             and (name not in saved or saved[name].shape != shapes[local])]
+    if wrong:
+        raise ValueError(f"{directory / WEIGHTS_FILE} lacks {len(wrong)} weights or has them in other shapes (e.g. "
+                         f"{wrong[0]}): it does not belong to this config.json and upcycling.json; write it again "
+                         "with `smoe upcycle`")
+    state = {local: saved[name] for local, name in expected.items() if local not in tied}
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model
+
+
+def _moe_layers(model: nn.Module) -> list[SMoE]:
+    return [m for m in model.modules() if isinstance(m, SMoE)]
+
+
+def _tied_names(model: nn.Module) -> list[str]:
+    """State-dict names that share storage with an earlier one (tied embeddings): saved once."""
+    seen, tied = set(), []
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            tied.append(name)
+        seen.add(tensor.data_ptr())
+    return tied
+
+
+def _untied(model: nn.Module, state: dict) -> dict:
+    return {name: tensor for name, tensor in state.items() if name not in set(_tied_names(model))}

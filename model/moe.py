@@ -232,6 +232,19 @@ class SMoE(MoE):
         return y, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
 
 
+def global_names(model: nn.Module) -> dict[str, str]:
+    """Each state-dict name of ``model`` -> its name on the ep_size 1 model: this rank's local expert
+    ids made global (``deepspeed_experts.<local>.`` -> ``deepspeed_experts.<ep_rank * local count + local>.``)."""
+    names = {name: name for name in model.state_dict()}
+    for prefix, module in model.named_modules():
+        if isinstance(module, ExpertDispatcher):
+            first = module.ep_rank * module.num_local_experts
+            for local, expert in enumerate(module.experts.deepspeed_experts):
+                for name in expert.state_dict(prefix=f"{prefix}.experts.deepspeed_experts.{local}."):
+                    names[name] = name.replace(f"deepspeed_experts.{local}.", f"deepspeed_experts.{first + local}.")
+    return names
+
+
 def moe_layers_of(model: nn.Module) -> list[SMoE]:
     """Every SMoE layer of a model, in module order."""
     return [m for m in model.modules() if isinstance(m, SMoE)]

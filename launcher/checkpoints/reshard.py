@@ -17,31 +17,19 @@ on any layout. The rest is per rank and is moved here:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from smoe.launcher.checkpoints import schema
-from smoe.model.moe import ExpertDispatcher
-
-EXPERT_PREFIX = ".deepspeed_moe.experts.deepspeed_experts."
+from smoe.model.moe import global_names
 
 
 def global_param_names(model: nn.Module) -> dict[int, str]:
     """``id(parameter)`` -> its name on an ep_size 1 model: local expert ids become global ones."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    for prefix, module in model.named_modules():
-        if not isinstance(module, ExpertDispatcher):
-            continue
-        local_count = module.num_local_experts
-        for name, p in module.experts.named_parameters(prefix=f"{prefix}.experts"):
-            local = re.search(r"deepspeed_experts\.(\d+)\.", name)
-            if local:
-                global_id = module.ep_rank * local_count + int(local.group(1))
-                names[id(p)] = name.replace(f"deepspeed_experts.{local.group(1)}.", f"deepspeed_experts.{global_id}.")
-    return names
+    names = global_names(model)
+    return {id(p): names[name] for name, p in model.named_parameters()}
 
 
 def optimizer_param_names(engine) -> list[str] | None:

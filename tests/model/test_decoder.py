@@ -8,7 +8,7 @@ import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config,
                           Qwen3Config)
 
-from smoe.model.decoder import ROUTER_LOGIT_STD, UpcycledMLP, upcycle
+from smoe.model.decoder import ROUTER_LOGIT_STD, UpcycledMLP, Upcycling, load_upcycled, save_upcycled, upcycle
 from smoe.model.moe import moe_layers_of, set_top_k, top_k_of
 from smoe.routing import build_router
 
@@ -118,3 +118,39 @@ def test_refuses_an_unknown_architecture():
 def test_refuses_num_experts_not_dividing_the_intermediate_size():
     with pytest.raises(ValueError, match=r"intermediate size \(64\) is not divisible by num_experts \(6\)"):
         upcycle(dense_model("llama"), num_experts=6)
+
+
+@pytest.mark.parametrize("architecture", CONFIGS)
+def test_an_upcycled_directory_loads_back_the_same_model(architecture, tmp_path):
+    model = upcycle(dense_model(architecture), num_experts=4, top_k=2, seed=3).eval()
+    save_upcycled(model, Upcycling(4, top_k=2, seed=3), tmp_path)
+    loaded = load_upcycled(tmp_path).eval()
+    assert Upcycling.read(tmp_path) == Upcycling(4, combine_scale=4.0, seed=3, top_k=2)
+    assert top_k_of(loaded) == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids()).logits, model(token_ids()).logits)
+
+
+def test_each_expert_parallel_rank_loads_its_own_experts(tmp_path):
+    model = upcycle(dense_model("llama"), num_experts=4)
+    save_upcycled(model, Upcycling(4), tmp_path)
+    whole = moe_layers_of(model)
+    for ep_rank in (0, 1):
+        share = moe_layers_of(load_upcycled(tmp_path, ep_size=2, ep_rank=ep_rank))
+        for layer, full in zip(share, whole):
+            for local, expert in enumerate(layer.local_experts):
+                assert torch.equal(expert.fc1.weight, full.local_experts[2 * ep_rank + local].fc1.weight)
+            assert torch.equal(layer.router.proj.weight, full.router.proj.weight)
+
+
+def test_a_bad_upcycled_directory_is_refused_by_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no config.json.*smoe upcycle"):
+        load_upcycled(tmp_path)
+    save_upcycled(upcycle(dense_model("llama"), num_experts=4), Upcycling(4), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot be read.*damaged"):
+        load_upcycled(tmp_path)
+    save_upcycled(upcycle(dense_model("llama"), num_experts=4), Upcycling(4), tmp_path)
+    Upcycling(2).save(tmp_path)  # the weights of 4 experts, the record of 2
+    with pytest.raises(ValueError, match="does not belong"):
+        load_upcycled(tmp_path)
