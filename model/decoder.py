@@ -231,33 +231,40 @@ def save_upcycled(model: nn.Module, upcycling: Upcycling, directory: Path) -> No
 
 def load_upcycled(directory: Path, dispatch: str = "auto", ep_size: int = 1, ep_rank: int = 0) -> nn.Module:
     """An upcycled directory as a model: this rank's experts and everything shared, as saved."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     directory = Path(directory)
-    for name in ("config.json", UPCYCLING_FILE, WEIGHTS_FILE):
+    for name in ("config.json", UPCYCLING_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} holds no {name}: pass a directory written by `smoe upcycle`")
     model = build_upcycled(AutoConfig.from_pretrained(directory), Upcycling.read(directory), dispatch, ep_size,
                            ep_rank)
+    load_upcycled_weights(model, directory)
+    return model
+
+
+def load_upcycled_weights(model: nn.Module, directory: Path) -> None:
+    """The directory's ``model.safetensors`` into ``model`` (built for it, on any expert-parallel rank)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(directory) / WEIGHTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{directory} holds no {WEIGHTS_FILE}: pass a directory written by `smoe upcycle`")
     try:
-        saved = load_file(str(directory / WEIGHTS_FILE))
+        saved = load_file(str(file))
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{directory / WEIGHTS_FILE} cannot be read ({error}): it is damaged; write it again "
-                         "with `smoe upcycle`") from None
+        raise ValueError(f"{file} cannot be read ({error}): it is damaged; write it again with `smoe upcycle`") \
+            from None
     expected, shapes = global_names(model), {name: t.shape for name, t in model.state_dict().items()}
     tied = set(_tied_names(model))
     wrong = [name for local, name in expected.items() if local not in tied
              and (name not in saved or saved[name].shape != shapes[local])]
     if wrong:
-        raise ValueError(f"{directory / WEIGHTS_FILE} lacks {len(wrong)} weights or has them in other shapes (e.g. "
-                         f"{wrong[0]}): it does not belong to this config.json and upcycling.json; write it again "
-                         "with `smoe upcycle`")
-    state = {local: saved[name] for local, name in expected.items() if local not in tied}
-    model.load_state_dict(state, strict=False)
+        raise ValueError(f"{file} lacks {len(wrong)} weights or has them in other shapes (e.g. {wrong[0]}): it "
+                         "does not belong to this config.json and upcycling.json; write it again with `smoe upcycle`")
+    model.load_state_dict({local: saved[name] for local, name in expected.items() if local not in tied}, strict=False)
     model.tie_weights()
-    return model
 
 
 def _moe_layers(model: nn.Module) -> list[SMoE]:
