@@ -65,6 +65,14 @@ class MLP(nn.Module):
                     linear.bias.zero_()
 
 
+def expert_width(d_ff: int, num_experts: int) -> int:
+    """The hidden units of each of ``num_experts`` experts cut from a ``d_ff``-wide MLP."""
+    if num_experts < 1 or d_ff % num_experts:
+        raise ValueError(f"the dense MLP's hidden size ({d_ff}) is not divisible by num_experts "
+                         f"({num_experts}): choose num_experts dividing {d_ff}")
+    return d_ff // num_experts
+
+
 def modularize(dense: MLP, num_experts: int) -> list[MLP]:
     """Split a dense MLP into ``num_experts`` experts, each ``d_ff / N`` hidden units.
 
@@ -73,10 +81,7 @@ def modularize(dense: MLP, num_experts: int) -> list[MLP]:
     with weight 1 are exactly the dense MLP's output (dropout aside).
     """
     d_ff = dense.d_ff
-    if d_ff % num_experts:
-        raise ValueError(f"the dense MLP's hidden size ({d_ff}) is not divisible by num_experts "
-                         f"({num_experts}): choose num_experts dividing {d_ff}")
-    width = d_ff // num_experts
+    width = expert_width(d_ff, num_experts)
     p = dense.dropout.p if isinstance(dense.dropout, nn.Dropout) else 0.0
     experts = []
     with torch.no_grad():
