@@ -86,6 +86,16 @@ class Router(nn.Module):
         return Routes(expert_ids_TK, weights_TK, aux_loss, counts_N)
 
 
+def top_k_softmax(probs_TN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most probable experts of the fp32 softmax ``probs_TN`` and their probabilities renormalised:
+    the softmax over the k largest logits, computed as Mixtral and Qwen3-MoE compute it, so that a
+    native transformers export picks the very same experts. The order matters where logits nearly
+    tie: exp rounds near 1 in steps of ~6e-8, so logits closer than that (an upcycled router's are
+    ~1e-6 apart) tie among the probabilities, and both pick among the tied alike."""
+    top_TK, expert_ids_TK = probs_TN.topk(k, dim=-1)
+    return expert_ids_TK, top_TK / top_TK.sum(dim=-1, keepdim=True)
+
+
 class FrozenProjection(nn.Module):
     """``Linear(D, N)`` whose weight and bias are fp32 buffers: never trained and never cast.
 
@@ -128,8 +138,8 @@ class RandomFrozenRouter(Router):
         self.proj = FrozenProjection(d_model, num_experts, std, seed)
 
     def forward(self, x_TD, token_ids_T=None) -> Routes:
-        top_logits_TK, expert_ids_TK = self.proj(x_TD).topk(self._k, dim=-1)
-        return self._routes(expert_ids_TK, top_logits_TK.softmax(dim=-1))
+        expert_ids_TK, weights_TK = top_k_softmax(self.proj(x_TD).softmax(dim=-1), self._k)
+        return self._routes(expert_ids_TK, weights_TK)
 
 
 class LearnedRouter(Router):
@@ -150,12 +160,13 @@ class LearnedRouter(Router):
 
     def forward(self, x_TD, token_ids_T=None) -> Routes:
         logits_TN = F.linear(x_TD.float(), self.proj.weight.float())
-        top_logits_TK, expert_ids_TK = logits_TN.topk(self._k, dim=-1)
+        probs_TN = logits_TN.softmax(dim=-1)
+        expert_ids_TK, weights_TK = top_k_softmax(probs_TN, self._k)
         counts_N = assignment_counts(expert_ids_TK, self.num_experts)
-        aux = self.balance_coef * balance_loss(logits_TN.softmax(dim=-1), counts_N)
+        aux = self.balance_coef * balance_loss(probs_TN, counts_N)
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * logits_TN.logsumexp(dim=-1).square().mean()
-        return self._routes(expert_ids_TK, top_logits_TK.softmax(dim=-1), aux, counts_N)
+        return self._routes(expert_ids_TK, weights_TK, aux, counts_N)
 
 
 def balance_loss(probs_TN: torch.Tensor, counts_N: torch.Tensor) -> torch.Tensor:
