@@ -1,5 +1,5 @@
 """The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality|train|infer`, `smoe ckpt consolidate`,
-`smoe convert`, `smoe slim`, `smoe finetune`, `smoe distill`, `smoe report`, `smoe export`."""
+`smoe upcycle` (or `smoe convert`), `smoe slim`, `smoe finetune`, `smoe distill`, `smoe report`, `smoe export`."""
 
 from __future__ import annotations
 
@@ -243,7 +243,9 @@ def _run_consolidate(args) -> None:
 
 # Commands whose module has add_arguments(parser) and run(args): name -> (module, one-line help).
 MODULE_COMMANDS = {
-    "convert": ("smoe.launcher.downstream.convert", "a dense BERT/RoBERTa checkpoint split into experts"),
+    "upcycle": ("smoe.launcher.downstream.upcycle", "a dense Hugging Face model (Llama, Mistral, Qwen2/3, GPT-2, "
+                                                    "BERT, RoBERTa) split into experts, exact at k = N"),
+    "convert": ("smoe.launcher.downstream.upcycle", "the same as `smoe upcycle`"),
     "slim": ("smoe.launcher.downstream.slim", "keep the B most used experts per layer for fine-tuning"),
     "finetune": ("smoe.launcher.downstream.finetune", "fine-tune a slim or converted model on a downstream task"),
     "distill": ("smoe.launcher.downstream.distill", "distil a fine-tuned SST-2 teacher into a single-expert student"),

@@ -27,7 +27,10 @@ from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModel
 from smoe.model.encoder import install_blocks, with_blocks
 from smoe.model.feedforward import FeedForwardSpec, feedforward_factory, get_method
 from smoe.model.mlp import MLP, modularize
+from smoe.model.split import neuron_order, permute_neurons
 from smoe.routing import RouterOptions
+
+ROUTER_LOGIT_STD = 1e-6  # a router logit's std for inputs of unit RMS: weights uniform to about this
 
 
 def _spec(config) -> FeedForwardSpec:
@@ -128,9 +131,31 @@ def weighted_experts(mlp: MLP, num_experts: int, combine_scale: float) -> list[M
     return experts
 
 
-def from_dense(dense: nn.Module, family: str, **fields) -> nn.Module:
+def flatten_router(moe: nn.Module) -> None:
+    """Shrink the SMoE layer's router projection to std ROUTER_LOGIT_STD / sqrt(d), keeping its direction.
+
+    The router's weights are softmax(top-k logits), equal only if the logits are; shrinking keeps
+    each token's order of experts, hence its seeded top-k choice, while logits of ~1e-6 (the
+    MLP's input is normalised, about 1 per element) make the weights uniform to ~1e-6."""
+    proj = getattr(moe.router, "proj", None)
+    if proj is None:  # hash / random / thor: equal weights already
+        return
+    with torch.no_grad():
+        proj.weight.mul_(ROUTER_LOGIT_STD / proj.weight.shape[1] ** 0.5 / proj.weight.float().std())
+
+
+def load_dense_mlp(moe: nn.Module, mlp: MLP, split: str) -> None:
+    """The SMoE layer ``moe`` made the dense ``mlp`` at k = N, for upcycling: its neurons put in
+    ``split``'s order (:mod:`smoe.model.split`, seeded by the layer's seed; a permutation, so the
+    same function), cut into :func:`weighted_experts`, and the router flattened (equal weights)."""
+    order = neuron_order(mlp, moe.num_experts, split, moe.config.seed)
+    moe.load_experts(weighted_experts(permute_neurons(mlp, order), moe.num_experts, moe.config.combine_scale))
+    flatten_router(moe)
+
+
+def from_dense(dense: nn.Module, family: str, split: str = "contiguous", **fields) -> nn.Module:
     """An SMoE model initialised from a dense BERT/RoBERTa masked-LM: every weight copied,
-    each selected layer's MLP split into experts with :func:`weighted_experts`."""
+    each selected layer's MLP split into experts by :func:`load_dense_mlp`."""
     config_class, model_class = MODELS[family]
     values = {**dense.config.to_dict(), **fields}
     values.pop("model_type", None)
@@ -149,7 +174,7 @@ def from_dense(dense: nn.Module, family: str, **fields) -> nn.Module:
         mlp = dense_mlp(dense_layer)
         block = layer.output.block
         if hasattr(block, "load_experts"):
-            block.load_experts(weighted_experts(mlp, config.num_experts, config.combine_scale))
+            load_dense_mlp(block, mlp, split)
         else:  # a layer that stays dense
             block.mlp.load_state_dict(mlp.state_dict())
     return model

@@ -10,9 +10,9 @@ Exact at k = N: the N slices of a dense MLP sum to it, so k = N gives the dense 
 when the router's weights are equal (1/N each, times ``combine_scale``, undone by the
 experts' N / combine_scale). The routers with a projection (random-frozen, learned) give
 weights softmax(top-k logits), equal only if the logits are: the projection is drawn from
-its seed as usual, then shrunk to std ``ROUTER_LOGIT_STD / sqrt(d)``. Shrinking keeps each
-token's order of experts, hence its seeded random top-k choice, while logits of ~1e-6 (the
-MLP's input is normalised, about 1 per element) make the weights uniform to ~1e-6.
+its seed as usual, then shrunk (:func:`smoe.model.bert.flatten_router`, as BERT's upcycling
+does). Which neurons each expert gets is the ``split`` (:mod:`smoe.model.split`): the
+neurons are reordered first, which leaves the MLP the same function.
 
 An upcycled directory is the dense model's own ``config.json`` (and tokenizer), ``upcycling.json``
 (:class:`Upcycling`: how its MLPs were split) and ``model.safetensors`` under the upcycled
@@ -31,14 +31,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from smoe.model.bert import weighted_experts
+from smoe.model.bert import load_dense_mlp
 from smoe.model import feedforward
 from smoe.model.mlp import MLP
 from smoe.model.moe import MoEConfig, SMoE, global_names
+from smoe.model.split import SPLITS
 
 UPCYCLING_FILE = "upcycling.json"
 WEIGHTS_FILE = "model.safetensors"
-ROUTER_LOGIT_STD = 1e-6  # a router logit's std for inputs of unit RMS: weights uniform to about this
 
 # transformers' hidden_act / activation_function -> smoe.model.mlp.ACTIVATIONS
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -106,23 +106,15 @@ class UpcycledMLP(nn.Module):
         return self.dropout(y_TD.reshape(hidden_states.shape))
 
 
-def flatten_router(moe: SMoE) -> None:
-    """Shrink the router's projection to std ROUTER_LOGIT_STD / sqrt(d), keeping its direction:
-    the same per-token order of experts, weights uniform (see the module's docstring)."""
-    proj = getattr(moe.router, "proj", None)
-    if proj is None:  # hash / random / thor: equal weights already
-        return
-    with torch.no_grad():
-        proj.weight.mul_(ROUTER_LOGIT_STD / proj.weight.shape[1] ** 0.5 / proj.weight.float().std())
-
-
 @dataclass(frozen=True)
 class Upcycling:
     """How a dense model's MLPs became experts: saved as ``upcycling.json`` beside its config.
 
     ``combine_scale`` None is N (inverted dropout); ``top_k`` None is N (the dense model back).
-    Layer i's router and experts are seeded from ``seed + 101 * i``, as
-    :func:`~smoe.model.feedforward.feedforward_factory` does."""
+    Layer i's router, experts and neuron order are seeded from ``seed + 101 * i``, as
+    :func:`~smoe.model.feedforward.feedforward_factory` does. ``split`` is how the neurons
+    were shared out (:data:`smoe.model.split.SPLITS`); files written before it was recorded
+    were cut into contiguous slices and read so."""
 
     num_experts: int
     method: str = "smoe-dropout"
@@ -130,6 +122,7 @@ class Upcycling:
     combine_scale: float | None = None
     seed: int = 0
     top_k: int | None = None
+    split: str = "random"
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -138,6 +131,8 @@ class Upcycling:
             object.__setattr__(self, "combine_scale", float(self.num_experts))
         if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be between 1 and num_experts ({self.num_experts})")
+        if self.split not in SPLITS:
+            raise ValueError(f"split '{self.split}' is unknown: use one of {', '.join(SPLITS)}")
         router = feedforward.get_method(self.method).router
         if router is None or router == "hash":
             raise ValueError(f"method '{self.method}' has no router that upcycling can use: use smoe-dropout, or "
@@ -152,7 +147,7 @@ class Upcycling:
 
     @classmethod
     def read(cls, directory: Path) -> "Upcycling":
-        return cls(**json.loads((Path(directory) / UPCYCLING_FILE).read_text()))
+        return cls(**{"split": "contiguous", **json.loads((Path(directory) / UPCYCLING_FILE).read_text())})
 
 
 def architecture_of(config) -> tuple[Architecture, str]:
@@ -187,20 +182,19 @@ def _install_experts(model: nn.Module, upcycling: Upcycling, split_weights: bool
                            combine_scale=upcycling.combine_scale, gated=mlp.gated, bias=mlp.has_bias)
         moe = SMoE(config, ep_rank)
         if split_weights:
-            moe.load_experts(weighted_experts(mlp, upcycling.num_experts, config.combine_scale))
-            flatten_router(moe)
+            load_dense_mlp(moe, mlp, upcycling.split)
         weight = next(layer.mlp.parameters())
         layer.mlp = UpcycledMLP(moe.to(weight.device, weight.dtype), architecture.output_dropout(layer.mlp))
     return model
 
 
 def upcycle(dense: nn.Module, num_experts: int, top_k: int | None = None, moe_layers: str = "all",
-            combine_scale: float | None = None, seed: int = 0, method: str = "smoe-dropout",
+            combine_scale: float | None = None, seed: int = 0, method: str = "smoe-dropout", split: str = "random",
             dispatch: str = "auto", ep_size: int = 1, ep_rank: int = 0) -> nn.Module:
     """A copy of the causal LM ``dense`` whose selected layers' MLPs are N experts behind ``method``'s
     router (:class:`Upcycling` says what each argument is); this rank holds its ``ep_rank``'s share.
     The dense model is left as it is."""
-    upcycling = Upcycling(num_experts, method, moe_layers, combine_scale, seed, top_k)
+    upcycling = Upcycling(num_experts, method, moe_layers, combine_scale, seed, top_k, split)
     architecture_of(dense.config)  # refused before the copy
     return _install_experts(copy.deepcopy(dense), upcycling, True, dispatch, ep_size, ep_rank)
 

@@ -1,2 +1,2 @@
-"""After pre-training: `smoe convert`, `slim`, `finetune` (with its :mod:`.tasks`), `distill` and
+"""After pre-training: `smoe upcycle` (`convert`), `slim`, `finetune` (with its :mod:`.tasks`), `distill` and
 `report`."""

@@ -8,7 +8,8 @@ import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config,
                           Qwen3Config)
 
-from smoe.model.decoder import ROUTER_LOGIT_STD, UpcycledMLP, Upcycling, load_upcycled, save_upcycled, upcycle
+from smoe.model.bert import ROUTER_LOGIT_STD
+from smoe.model.decoder import UpcycledMLP, Upcycling, load_upcycled, save_upcycled, upcycle
 from smoe.model.moe import moe_layers_of, set_top_k, top_k_of
 from smoe.routing import build_router
 
