@@ -48,7 +48,7 @@ class Family:
     name: str  # DEFAULT_COMBINE_SCALE's key
     model_types: tuple[str, ...]
     split: str  # --split's default
-    auto_class: Callable[[], type]  # loads the dense model
+    auto_class: str  # transformers' Auto class that loads the dense model
     upcycle: Callable[[nn.Module, object], nn.Module]  # (dense, args with numbers resolved) -> the SMoE model
     save: Callable[[nn.Module, object, Path], None]
     load: Callable[[Path], nn.Module]
@@ -87,29 +87,25 @@ def _upcycle_masked_lm(dense, args):
                       combine_scale=args.combine_scale, router_seed=args.seed)
 
 
-def _auto_class(name: str) -> Callable[[], type]:
-    def auto_class():
-        import transformers
-
-        return getattr(transformers, name)
-    return auto_class
+def _save_masked_lm(model, args, directory: Path) -> None:
+    model.save_pretrained(directory)
 
 
-def _decoder_types() -> tuple[str, ...]:
-    from smoe.model.decoder import ARCHITECTURES
+def _load_masked_lm(directory: Path):
+    from transformers import AutoModelForMaskedLM
 
-    return tuple(ARCHITECTURES)
+    return AutoModelForMaskedLM.from_pretrained(directory)
 
 
 def families() -> list[Family]:
     from smoe.model.bert import MODELS
+    from smoe.model.decoder import ARCHITECTURES
 
     return [
-        Family("causal-lm", _decoder_types(), "random", _auto_class("AutoModelForCausalLM"), _upcycle_decoder,
-               _save_decoder, _load_decoder),
-        Family("bert", tuple(MODELS), "contiguous", _auto_class("AutoModelForMaskedLM"), _upcycle_masked_lm,
-               lambda model, args, directory: model.save_pretrained(directory),
-               lambda directory: _auto_class("AutoModelForMaskedLM")().from_pretrained(directory)),
+        Family("causal-lm", tuple(ARCHITECTURES), "random", "AutoModelForCausalLM", _upcycle_decoder, _save_decoder,
+               _load_decoder),
+        Family("bert", tuple(MODELS), "contiguous", "AutoModelForMaskedLM", _upcycle_masked_lm, _save_masked_lm,
+               _load_masked_lm),
     ]
 
 
@@ -134,6 +130,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
+    import transformers
+
     from smoe.model.feedforward import combine_scale_value
 
     out = Path(args.out)
@@ -148,7 +146,7 @@ def run(args) -> None:
     args.split = args.split or family.split
     args.combine_scale = combine_scale_value(args.combine_scale or DEFAULT_COMBINE_SCALE[family.name],
                                              args.num_experts)
-    dense = load_dense(family.auto_class(), args.model, config)
+    dense = load_dense(getattr(transformers, family.auto_class), args.model, config)
     model = family.upcycle(dense, args)
     counts = parameter_counts(dense, model)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,12 +165,13 @@ def run(args) -> None:
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    biases = f"; expert output biases: {counts['expert_biases']:,}" if counts["expert_biases"] else ""
     log.info(f"upcycled {config.model_type}: {args.num_experts} experts in {counts['moe_layers']} of "
              f"{config.num_hidden_layers} layers ({args.method}, moe_layers={args.moe_layers}, split={args.split}, "
              f"combine_scale={args.combine_scale:g}, k={args.k or args.num_experts}); parameters {counts['dense']:,} "
              f"dense -> {counts['upcycled']:,} upcycled (routers: {counts['router_parameters']:,} parameters and "
-             f"{counts['router_buffers']:,} buffer values; expert output biases: {counts['expert_biases']:,}); "
-             f"k = N matches the dense logits to {difference:.1e} (relative)")
+             f"{counts['router_buffers']:,} buffer values{biases}); k = N matches the dense logits to "
+             f"{difference:.1e} (relative)")
     log.info(f"wrote {out}" + (f" with the {' and '.join(extras)}" if extras else "")
              + ("" if "tokenizer" in extras else f"; {args.model} has no tokenizer, only the model was written"))
 
