@@ -193,3 +193,15 @@ def test_bert_and_roberta_with_the_default_router_are_exact_at_k_equal_n(family,
     expert = moe_layers_of(converted)[0].local_experts[0]
     first_slice = dense.base_model.encoder.layer[0].intermediate.dense.weight[:INTERMEDIATE // N]
     assert torch.equal(expert.fc1.weight, first_slice) == (split is None)
+
+
+def test_an_upcycled_directory_from_before_the_split_was_recorded_reads_as_contiguous(tmp_path):
+    """Such directories were cut into contiguous slices; they load as before, and say so."""
+    import json
+
+    dense = save_dense(CONFIGS["llama"](), tmp_path / "dense")
+    assert cli.main(["upcycle", tmp_path / "dense", tmp_path / "out", "--num-experts", N, "--split", "contiguous"]) == 0
+    record = tmp_path / "out" / "upcycling.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "split"}))
+    assert Upcycling.read(tmp_path / "out").split == "contiguous"
+    assert relative_error(load_upcycled(tmp_path / "out").eval(), dense) < 1e-4
