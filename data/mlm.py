@@ -1,4 +1,5 @@
-"""Masked-LM data: text lines -> a tokenizer -> blocks of ``block_size`` tokens -> 15 % masking.
+"""Text data: lines -> a tokenizer -> blocks of ``block_size`` tokens -> batches: 15 % masking
+for masked-LM, the blocks themselves as their own labels for a causal LM.
 
 The pieces are the ecosystem's: ``datasets`` loads the text (a hub data set such as
 ``bookcorpus``, or local files with the ``text`` builder) and caches every mapped step;
@@ -23,7 +24,9 @@ SPLIT_SEED = 1234  # the valid/test lines are the same for every run on the same
 SPECIAL_TOKENS = {"bert": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                            "mask_token": "[MASK]"},
                   "roberta": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
-                              "mask_token": "<mask>", "cls_token": "<s>", "sep_token": "</s>"}}
+                              "mask_token": "<mask>", "cls_token": "<s>", "sep_token": "</s>"},
+                  # a causal LM trained from scratch: byte-level BPE, each line as <s> line </s>
+                  "causal-lm": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}}
 
 
 def text_files(paths: list[str], encoding: str = "utf-8") -> list[str]:
@@ -75,7 +78,7 @@ def load_texts(data_files: list[str] | None = None, dataset: str | None = None, 
 
 
 def train_tokenizer(texts, family: str, vocab_size: int):
-    """A WordPiece (BERT) or byte-level BPE (RoBERTa) tokenizer trained on ``texts``,
+    """A WordPiece (BERT) or byte-level BPE (RoBERTa, causal-LM) tokenizer trained on ``texts``,
     wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -94,18 +97,19 @@ def train_tokenizer(texts, family: str, vocab_size: int):
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(dict.fromkeys(special.values())),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    cls, sep = special["cls_token"], special["sep_token"]
+    cls, sep = (special["cls_token"], special["sep_token"]) if "cls_token" in special else (special["bos_token"],
+                                                                                              special["eos_token"])
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
         special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
 
 
-def check_tokenizer_fits(tokenizer, vocab_size: int, source: str) -> None:
+def check_tokenizer_fits(tokenizer, vocab_size: int, source: str, masked: bool = True) -> None:
     if len(tokenizer) > vocab_size:
         raise ValueError(f"the tokenizer {source} has {len(tokenizer):,} tokens but the model's vocab_size is "
                          f"{vocab_size:,}: set vocab_size={len(tokenizer)} or use the model's own tokenizer")
-    if tokenizer.mask_token_id is None:
+    if masked and tokenizer.mask_token_id is None:
         raise ValueError(f"the tokenizer {source} has no mask token: masked-LM needs one ([MASK] or <mask>)")
 
 
@@ -136,6 +140,12 @@ def mlm_collator(tokenizer, mlm_probability: float = 0.15):
     from transformers import DataCollatorForLanguageModeling
 
     return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
+
+
+def causal_collator(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Full blocks as a batch, each its own labels (the model shifts them: token t predicts t + 1)."""
+    input_ids = torch.tensor([row["input_ids"] for row in rows])
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
 class BlockStream:

@@ -28,14 +28,18 @@ def _add_train(commands) -> None:
                                                               for name, values in presets().items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", help="tiny, paper, paper-8l, paper-12l (Transformer-XL); bert-tiny, roberta-tiny, "
-                                         "bert-paper, roberta-paper (default: tiny; a resume: the run's own)")
+                                         "bert-paper, roberta-paper; causal-lm (with --init), llama-tiny (default: tiny, "
+                                         "or causal-lm with --init; a resume: the run's own)")
     parser.add_argument("--method", help="dense, dense-concrete, dense-dropblock, smoe-dropout, smoe-learned, "
                                          "smoe-learned-increasing-k, thor, hash or random (default: smoe-dropout)")
     parser.add_argument("--data-dir", help="directory holding enwik8 or enwik8.zip (downloaded when absent)")
     parser.add_argument("--data-file", help="any raw file, split 90/5/5 by bytes, one token per byte")
     parser.add_argument("--data-files", nargs="+", metavar="PATH",
                         help="masked-LM presets: text files or directories of *.txt (a hub data set: dataset=NAME)")
-    parser.add_argument("--tokenizer", help="masked-LM presets: a transformers tokenizer directory (default: train one)")
+    parser.add_argument("--tokenizer", help="text presets: a transformers tokenizer directory (default: the --init "
+                                            "directory's, else train one)")
+    parser.add_argument("--init", help="causal-lm: start from this Hugging Face directory, `smoe upcycle`'s output (or "
+                                       "a dense one with --method dense); its shape, experts and tokenizer are the run's")
     parser.add_argument("--out", required=True, help="run directory (config, checkpoints, tb/, eval.json)")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",
@@ -80,14 +84,44 @@ def _run_train(args) -> None:
     run = RunDir(Path(args.out))
     resume = args.resume or (args.auto_resume and latest_tag(run.checkpoints) is not None)
     if resume and run.config.is_file():  # without one, the trainer refuses the resume
+        if args.init:
+            raise ValueError("--init starts a run; a resume continues from the run's checkpoint: drop --init")
         config, changes = resumed_config(run.load_config(), overrides, args.preset)
         for change in changes:
             log.info(f"resume changes {change}")
+    elif args.init:
+        config = _config_from_init(args.init, args.preset or "causal-lm", overrides)
     else:
+        if args.preset == "causal-lm":
+            raise ValueError("preset causal-lm takes its model from --init DIR (`smoe upcycle`'s output): pass --init, "
+                             "or --preset llama-tiny to train a small Llama from scratch")
         config = build_config(args.preset or "tiny", overrides)
     trainer = Trainer(config, run.root, resume=resume, fresh_ok=args.auto_resume)
     trainer.train(stop_at=args.stop_at)
     return EXIT_STOPPED_BY_SIGNAL if trainer.stopped_by_signal else 0
+
+
+def _config_from_init(init: str, preset: str, overrides: dict):
+    """A causal-LM run's config: the preset, then what the --init directory fixes (shape, experts,
+    tokenizer), then the overrides; k_min is clipped to the directory's N unless given."""
+    from smoe.launcher.config import build_config, preset_values
+    from smoe.launcher.families.causal_lm import check_init_method, init_fields
+
+    if preset_values(preset).get("model") != "causal-lm":
+        raise ValueError(f"--init starts a causal-lm run: preset {preset} trains another model; use --preset "
+                         "causal-lm (the default with --init)")
+    fields = init_fields(init)
+    check_init_method(fields, overrides.get("method", fields["method"]))
+    if fields["method"] == "dense" and "method" not in overrides:
+        log.note(f"{init} is a dense model: training the dense baseline (`smoe upcycle` it for SMoE-Dropout)")
+    fixed = [key for key in fields if key not in ("method", "k_max", "eval_ks", "tokenizer") and key in overrides
+             and overrides[key] != fields[key]]
+    if fixed:
+        raise ValueError(f"{fixed[0]}={overrides[fixed[0]]}: the --init directory fixes it ({fields[fixed[0]]}); drop "
+                         "the override, or upcycle (or save) a model of that shape")
+    if "num_experts" in fields and "k_min" not in overrides:
+        fields["k_min"] = min(preset_values(preset).get("k_min", 1), fields["num_experts"])
+    return build_config(preset, {**fields, **overrides})
 
 
 def _add_eval(commands) -> None:
@@ -208,9 +242,9 @@ def _run_bench_train(args) -> None:
     from smoe.launcher.config import build_config, parse_ks, parse_override
 
     config = build_config(args.preset, dict(parse_override(text) for text in args.overrides))
-    if config.masked_lm != bool(args.data_files):
+    if config.text != bool(args.data_files):
         raise ValueError(f"preset {args.preset} trains {config.model}: pass "
-                         + ("--data-files (text)" if config.masked_lm else "--data-file (a byte file)"))
+                         + ("--data-files (text)" if config.text else "--data-file (a byte file)"))
     for k in parse_ks(args.ks, "--ks") if args.ks else []:
         build_config(args.preset, {**dict(parse_override(text) for text in args.overrides), "k_min": k, "k_max": k})
     if args.warmup < 0 or args.steps < 1:

@@ -27,10 +27,12 @@ SHAPE_FIELDS = ("model", "n_layer", "d_model", "n_head", "d_head", "d_ff", "num_
                 "vocab_size", "combine_scale")
 
 
-MODELS = ("transformer-xl", "bert", "roberta")
+MODELS = ("transformer-xl", "bert", "roberta", "causal-lm")
+MASKED_LM_MODELS = ("bert", "roberta")
 # The best combine scale found per model (docs/quality.md, 3 seeds each): inverted dropout for
 # Transformer-XL (better at every k), the paper's 1 for masked-LM (better at k <= 4, equal above).
-DEFAULT_COMBINE_SCALE = {"transformer-xl": "N", "bert": "1", "roberta": "1"}
+# A causal LM takes the scale its upcycled directory records (upcycling's default: N).
+DEFAULT_COMBINE_SCALE = {"transformer-xl": "N", "bert": "1", "roberta": "1", "causal-lm": "N"}
 # Keys that were renamed: still read in saved configs, presets and overrides.
 RENAMED = {"d_inner": "d_ff", "balance_coef": "router.balance_coef", "z_loss_coef": "router.z_loss_coef"}
 # The nested option objects, by key.
@@ -42,11 +44,14 @@ WRITTEN_BY_RESUME = ("earlier_max_steps",)
 @dataclass
 class TrainConfig:
     preset: str = "paper"
-    model: str = "transformer-xl"  # transformer-xl (bytes, BPC) or bert / roberta (masked-LM, bits per token)
+    model: str = "transformer-xl"  # transformer-xl (bytes, BPC), bert / roberta (masked-LM) or causal-lm (bits per token)
+    # causal-lm: the Hugging Face directory the run starts from (`smoe upcycle`'s output, or a dense
+    # model for the dense baseline); empty: a Llama built from the fields below, trained from scratch
+    init: str = ""
     # data: a directory with enwik8 (or enwik8.zip, downloaded when absent), or any raw file split 90/5/5
     data_dir: str = ""
     data_file: str = ""
-    # masked-LM data: text files (or directories of *.txt), or a hub data set; blocks of block_size tokens
+    # text data (masked-LM and causal-LM): text files (or directories of *.txt), or a hub data set; blocks of block_size tokens
     data_files: tuple[str, ...] = ()
     dataset: str = ""
     tokenizer: str = ""  # a transformers tokenizer directory; empty: train one on the text, saved with the run
@@ -120,8 +125,14 @@ class TrainConfig:
                 raise ValueError(f"{name} '{getattr(self, name)}' is unknown: use one of {', '.join(allowed)}")
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"mlm_probability ({self.mlm_probability}) must be between 0 and 1, e.g. 0.15")
-        if self.masked_lm:
+        if self.text:
             check_block_fits(self.block_size, self.max_positions)
+        if self.model == "causal-lm" and method.dense and self.method != "dense":
+            raise ValueError(f"method {self.method} is not built for causal-lm (its MLPs are the model's own): use "
+                             "method=dense for the dense baseline, or an expert method")
+        if self.init and self.model != "causal-lm":
+            raise ValueError(f"init= starts a causal-lm run from a Hugging Face directory; model {self.model} "
+                             "is built from the config: drop init, or use model=causal-lm")
         positive = ("n_layer", "d_model", "n_head", "d_head", "d_ff", "tgt_len", "eval_tgt_len", "num_experts",
                     "batch_size", "grad_accum", "eval_batch_size", "block_size", "max_positions", "max_steps", "log_every",
                     "eval_every", "save_every", "keep_checkpoints", "ep_size", "vocab_size")
@@ -145,8 +156,13 @@ class TrainConfig:
         self.model_config()
 
     @property
-    def masked_lm(self) -> bool:
+    def text(self) -> bool:
+        """Trained on text through a tokenizer (masked-LM and causal-LM), not on bytes."""
         return self.model != "transformer-xl"
+
+    @property
+    def masked_lm(self) -> bool:
+        return self.model in MASKED_LM_MODELS
 
     @property
     def eval_mem_len(self) -> int:

@@ -91,7 +91,7 @@ def run(args) -> None:
     out = Path(args.out)
     dense = train(args, out / "dense", "dense", [])
     rows = [{"method": "dense", "k": None, **dense, "time_ratio": 1.0, "memory_ratio": 1.0, "ideal_ratio": 1.0}]
-    tokens = config.batch_size * (config.block_size if config.masked_lm else config.tgt_len)
+    tokens = config.batch_size * (config.block_size if config.text else config.tgt_len)
     share = mlp_share(config, dense["s_per_step"], tokens)
     for k in ks:
         measured = train(args, out / f"k{k}", "smoe-dropout", [f"k_min={k}", f"k_max={k}", f"eval_ks={k}"])

@@ -1,4 +1,5 @@
-"""The model families a run can be: Transformer-XL on bytes; BERT or RoBERTa masked-LM.
+"""The model families a run can be: Transformer-XL on bytes; BERT or RoBERTa masked-LM; a causal LM
+(Llama, Mistral, Qwen, GPT-2) on text.
 
 A family is one object that knows, for its runs, the model (built from the run's config),
 the data (streams, micro-batches and the forward pass the loop calls), the evaluation (the
@@ -19,18 +20,21 @@ from smoe.launcher.families.transformer_xl import TransformerXLFamily
 
 
 def family_of(config: TrainConfig, run_root: Path | None = None, metadata: dict[str, str] | None = None) -> Family:
-    """The family of a run (its directory) or of a consolidated file (its metadata). The masked-LM
-    family (transformers, tokenizers) is imported only for a masked-LM run."""
-    if not config.masked_lm:
+    """The family of a run (its directory) or of a consolidated file (its metadata). The text families
+    (transformers, tokenizers) are imported only for a run on text."""
+    if not config.text:
         return TransformerXLFamily(config)
-    from smoe.launcher.families.masked_lm import MaskedLMFamily
+    if config.masked_lm:
+        from smoe.launcher.families.masked_lm import MaskedLMFamily as family
+    else:
+        from smoe.launcher.families.causal_lm import CausalLMFamily as family
 
     if metadata is not None:
         if "pad_token_id" not in metadata:
-            raise ValueError("this consolidated masked-LM file records no pad_token_id: consolidate the run again "
-                             "with `smoe ckpt consolidate RUN OUT`")
-        return MaskedLMFamily(config, pad_token_id=int(metadata["pad_token_id"]))
-    return MaskedLMFamily(config, run_root)
+            raise ValueError(f"this consolidated {config.model} file records no pad_token_id: consolidate the run "
+                             "again with `smoe ckpt consolidate RUN OUT`")
+        return family(config, pad_token_id=int(metadata["pad_token_id"]))
+    return family(config, run_root)
 
 
 __all__ = ["Family", "Pass", "TransformerXLFamily", "family_of"]

@@ -22,7 +22,7 @@ class Pass(NamedTuple):
 
 
 class Family(Protocol):
-    """A model family (Transformer-XL, BERT, RoBERTa): its model, data, evaluation and read-back.
+    """A model family (Transformer-XL, BERT/RoBERTa, causal LMs): its model, data, evaluation and read-back.
 
     ``memory`` is what crosses steps (Transformer-XL's memory rows; None for masked-LM): the
     loop keeps it, saves it in each rank's checkpoint file and hands it back."""
@@ -35,6 +35,7 @@ class Family(Protocol):
     def build(self, config: TrainConfig | None = None, rank: int = 0) -> nn.Module: ...
     def metadata(self) -> dict[str, str]: ...  # recorded in a consolidated file, to build it again
     def save_with_run(self, run_root: Path) -> None: ...  # what besides config.json reads the run back
+    def initialize(self, model: nn.Module) -> None: ...  # the weights a new run starts from (causal-LM: --init's)
     # examples for `smoe slim`
     def token_ids(self, texts: list[str]) -> list[list[int]]: ...
     def expert_counts(self, model: nn.Module, ids_BT: torch.Tensor) -> list[torch.Tensor]: ...

@@ -42,6 +42,9 @@ class TransformerXLFamily:
     def save_with_run(self, run_root) -> None:
         """Nothing besides the config is needed to read the run back."""
 
+    def initialize(self, model: nn.Module) -> None:
+        """A run starts from the model's own seeded initialisation."""
+
     # --- examples for `smoe slim` ------------------------------------------------------------
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """The bytes of each example (UTF-8, as enwik8), at most the trained context."""

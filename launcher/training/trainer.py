@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -70,6 +71,8 @@ class Trainer:
         if self.rank == 0:
             self.family.save_with_run(self.paths.root)
         model = self.family.build(config, self.rank)
+        if not resume:
+            self.family.initialize(model)
         self.engine = build_engine(model, ds, optimizer_param_groups(model, lr=config.lr), lr_multiplier(config),
                                    config.weight_decay)
         self.device = self.engine.device  # this rank's device: DeepSpeed placed the model there
@@ -280,6 +283,7 @@ class Trainer:
         tokens_per_s = tokens_per_s.item()
         step_time = window.seconds / window.steps
         events = [("train/loss", ce, self.step), ("train/bpc", ce / LN2, self.step),
+                  ("train/perplexity", math.exp(min(ce, 700)), self.step),
                   ("train/aux_loss", window.mean("aux"), self.step),
                   ("train/lr", self.engine.get_lr()[0], self.step),
                   ("train/tokens_per_s", tokens_per_s, self.step),
@@ -308,7 +312,8 @@ class Trainer:
     def _validate(self) -> None:
         loss = self._eval_loss("valid", self.config.eval_segments)
         if self.rank == 0:
-            self.engine.monitor.write_events([("val/loss", loss, self.step), ("val/bpc", loss / LN2, self.step)])
+            self.engine.monitor.write_events([("val/loss", loss, self.step), ("val/bpc", loss / LN2, self.step),
+                                              ("val/perplexity", math.exp(min(loss, 700)), self.step)])
             k = f" (k={self.schedule(self.step)})" if self.moe_layers else ""
             log.info(f"step {self.step} | valid {self.family.unit} {loss / LN2:.4f}{k}")
 

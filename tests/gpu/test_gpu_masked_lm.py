@@ -18,11 +18,12 @@ MLM = [*SMALL_MLM, "batch_size=8", "eval_ks=1,2,4"]
 
 
 def test_masked_lm_evaluation_leaves_the_cuda_rng_alone(books, tmp_path):
-    from smoe.launcher.families.masked_lm import MaskedLMData, build_mlm_model
+    from smoe.launcher.families.masked_lm import build_mlm_model
+    from smoe.launcher.families.text import TextData
 
     overrides = dict(parse_override(o) for o in MLM)
     config = build_config("bert-tiny", {**overrides, "data_files": (str(books),), "cache_dir": str(tmp_path / "cache")})
-    data = MaskedLMData(config, tmp_path)
+    data = TextData(config, tmp_path)
     device = torch.device("cuda", torch.cuda.current_device())
     model = build_mlm_model(config, data.tokenizer.pad_token_id).to(device).train()
 

@@ -48,9 +48,10 @@ def test_transformer_xl_evaluates_on_more_ranks_than_divide_the_batch(corpus, tm
 
 
 def _mlm_loss_on_ranks(rank, world, config, out):
-    from smoe.launcher.families.masked_lm import MaskedLMData, build_mlm_model
+    from smoe.launcher.families.masked_lm import build_mlm_model
+    from smoe.launcher.families.text import TextData
 
-    data = MaskedLMData(config, out.parent)
+    data = TextData(config, out.parent)
     model = build_mlm_model(config, data.tokenizer.pad_token_id, rank).eval()
     loss = data.eval_loss(model, "valid", rank, world, torch.device("cpu"))
     if rank == 0:
@@ -60,13 +61,14 @@ def _mlm_loss_on_ranks(rank, world, config, out):
 def test_masked_lm_evaluates_on_ranks_that_do_not_divide_the_batch(books, tmp_path):
     """Every rank masks the whole batch from the same seed: the masks, and so the loss, are
     those of one process (4 blocks per batch on 3 ranks: shares of 1, 1 and 2)."""
-    from smoe.launcher.families.masked_lm import MaskedLMData, build_mlm_model
+    from smoe.launcher.families.masked_lm import build_mlm_model
+    from smoe.launcher.families.text import TextData
 
     config = build_config("bert-tiny", {"data_files": (str(books),), "n_layer": 2, "d_model": 32, "n_head": 2,
                                         "d_ff": 64, "num_experts": 4, "k_min": 1, "k_max": 4, "eval_ks": (1, 4),
                                         "vocab_size": 300, "block_size": 16, "max_positions": 32, "batch_size": 8,
                                         "eval_batch_size": 4, "dropout": 0.0})
-    data = MaskedLMData(config, tmp_path)
+    data = TextData(config, tmp_path)
     one_process = data.eval_loss(build_mlm_model(config, data.tokenizer.pad_token_id).eval(), "valid", 0, 1, "cpu")
     out = tmp_path / "loss.json"
     spawn(_mlm_loss_on_ranks, 3, config, out)
@@ -77,7 +79,8 @@ def test_masked_lm_seeds_only_the_cpu_generator(books, tmp_path, monkeypatch):
     """``torch.manual_seed`` also seeds every CUDA generator: on GPUs that gave all ranks the same
     dropout masks and reset the training stream at every validation. Building the model and
     evaluating must leave CUDA's generators alone (and restore the CPU one)."""
-    from smoe.launcher.families.masked_lm import MaskedLMData, build_mlm_model
+    from smoe.launcher.families.masked_lm import build_mlm_model
+    from smoe.launcher.families.text import TextData
 
     seeded = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
@@ -86,7 +89,7 @@ def test_masked_lm_seeds_only_the_cpu_generator(books, tmp_path, monkeypatch):
                                         "d_ff": 64, "num_experts": 4, "k_min": 1, "k_max": 4, "eval_ks": (1, 4),
                                         "vocab_size": 300, "block_size": 16, "max_positions": 32, "batch_size": 8,
                                         "eval_batch_size": 4})
-    data = MaskedLMData(config, tmp_path)
+    data = TextData(config, tmp_path)
     cpu_state = torch.get_rng_state()
     model = build_mlm_model(config, data.tokenizer.pad_token_id)
     data.eval_loss(model, "valid", 0, 1, "cpu", max_batches=1)

@@ -1,0 +1,144 @@
+"""Causal LMs on text (``model=causal-lm``): a Hugging Face decoder LM (Llama, Mistral, Qwen2/3,
+GPT-2), upcycled into SMoE layers by `smoe upcycle` or left dense, trained on packed blocks of its
+own tokenizer's tokens; evaluation in bits per token (perplexity = 2 ** bits) at every k.
+
+    smoe upcycle path/to/llama runs/llama-moe --num-experts 16
+    smoe train --preset causal-lm --init runs/llama-moe --data-files ../shared/data/books --out runs/llama-sd
+    smoe train --preset causal-lm --method dense --init path/to/llama --data-files books/ --out runs/llama-dense
+    smoe train --preset llama-tiny --method dense --data-files books/ --out runs/llama-tiny   # from scratch
+
+The run directory keeps the model's structure in ``model/`` (the Hugging Face ``config.json``, and
+``upcycling.json`` for an MoE): built from it, the run no longer needs its ``--init`` directory
+once started, and `smoe eval`, `smoe export` and a resume on any expert-parallel layout read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from smoe.data.mlm import TOKENIZER_FILES
+from smoe.launcher.config import TrainConfig
+from smoe.launcher.families.text import TextFamily, seeded_cpu_rng
+from smoe.launcher.runtime.files import write_atomic
+from smoe.model.decoder import (UPCYCLING_FILE, UpcycledMLP, Upcycling, architecture_of, build_upcycled,
+                                load_upcycled_weights)
+from smoe.model.feedforward import get_method
+from smoe.model.parallel import init_expert_parallel
+
+MODEL_DIR = "model"  # in the run directory: the structure the run's model is built from
+CONFIG_FILE = "config.json"
+
+
+def init_fields(init: str) -> dict:
+    """The run config's fields that an ``--init`` directory fixes: its shape, its experts (from
+    ``upcycling.json``) and its tokenizer. A dense directory trains with ``method=dense``."""
+    from transformers import AutoConfig
+
+    directory = Path(init)
+    if not (directory / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"--init {init} holds no {CONFIG_FILE}: pass a directory written by `smoe upcycle` "
+                                "(or by save_pretrained, for the dense baseline)")
+    hf_config = AutoConfig.from_pretrained(directory)
+    architecture_of(hf_config)  # refuses what cannot be upcycled or trained here
+    d_model = hf_config.hidden_size
+    fields = {"init": str(directory.resolve()), "n_layer": hf_config.num_hidden_layers, "d_model": d_model,
+              "n_head": hf_config.num_attention_heads, "vocab_size": hf_config.vocab_size,
+              "d_ff": getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None)
+              or 4 * d_model, "max_positions": hf_config.max_position_embeddings}
+    if any((directory / name).is_file() for name in TOKENIZER_FILES):
+        fields["tokenizer"] = fields["init"]
+    if (directory / UPCYCLING_FILE).is_file():
+        upcycling = Upcycling.read(directory)
+        n = upcycling.num_experts
+        fields.update(method=upcycling.method, num_experts=n, moe_layers=upcycling.moe_layers,
+                      combine_scale=f"{upcycling.combine_scale:g}", k_max=n,
+                      eval_ks=tuple(sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k < n} | {n})))
+    else:
+        fields["method"] = "dense"
+    return fields
+
+
+def check_init_method(fields: dict, method: str) -> None:
+    """An upcycled directory trains the method it was upcycled for; a dense one trains dense."""
+    if method == fields["method"]:
+        return
+    if fields["method"] == "dense":
+        raise ValueError(f"--init {fields['init']} is a dense model: train it with --method dense (the baseline), or "
+                         f"upcycle it first with `smoe upcycle {fields['init']} OUT --num-experts N --method {method}`")
+    raise ValueError(f"--init {fields['init']} was upcycled for method {fields['method']}, not {method}: drop "
+                     f"--method, or upcycle the dense model again with --method {method}")
+
+
+def scratch_config(config: TrainConfig):
+    """A Llama of the run config's shape, for a run with no ``--init`` (the study's dense pretraining)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
+                       num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                       num_key_value_heads=config.n_head, max_position_embeddings=config.max_positions,
+                       attention_dropout=config.dropatt, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2,
+                       pad_token_id=1)
+
+
+class CausalLMFamily(TextFamily):
+    """A decoder-LM run: the text family with the model of ``--init`` (or a Llama from scratch)."""
+
+    def _structure(self, config: TrainConfig):
+        """The Hugging Face config and the upcycling (None: dense) of the run's model."""
+        from transformers import AutoConfig
+
+        saved = None if self.run_root is None else self.run_root / MODEL_DIR
+        source = saved if saved is not None and (saved / CONFIG_FILE).is_file() else (
+            Path(config.init) if config.init else None)
+        hf_config = AutoConfig.from_pretrained(source) if source else scratch_config(config)
+        if get_method(config.method).dense:
+            return hf_config, None
+        if source is not None and (source / UPCYCLING_FILE).is_file():
+            return hf_config, Upcycling.read(source)
+        return hf_config, Upcycling(config.num_experts, config.method, config.moe_layers,
+                                    float(config.combine_scale), config.seed)
+
+    def build(self, config: TrainConfig | None = None, rank: int = 0) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        config = config or self.config
+        hf_config, upcycling = self._structure(config)
+        hf_config.use_cache = False  # training and evaluation read whole blocks
+        with seeded_cpu_rng(config.seed):  # the shared weights: the same on every rank
+            if upcycling is None:
+                return AutoModelForCausalLM.from_config(hf_config)
+            model = build_upcycled(hf_config, upcycling, config.dispatch, config.ep_size,
+                                   init_expert_parallel(config.ep_size))
+        return model
+
+    def initialize(self, model: nn.Module) -> None:
+        """A new run starts from its ``--init`` directory's weights."""
+        if not self.config.init:
+            return
+        if get_method(self.config.method).dense:
+            from transformers import AutoModelForCausalLM
+
+            model.load_state_dict(AutoModelForCausalLM.from_pretrained(self.config.init).state_dict())
+        else:
+            load_upcycled_weights(model, Path(self.config.init))
+
+    def save_with_run(self, run_root: Path) -> None:
+        """The model's structure in ``model/`` (upcycling.json first: a rank that finds config.json
+        finds both), and a tokenizer trained on the data."""
+        super().save_with_run(run_root)
+        directory = Path(run_root) / MODEL_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        hf_config, upcycling = self._structure(self.config)
+        if upcycling is not None:
+            upcycling.save(directory)
+        write_atomic(directory / CONFIG_FILE, hf_config.to_json_string().encode())
+
+    @staticmethod
+    def aux_loss(model: nn.Module):
+        return sum((m.aux_loss for m in model.modules() if isinstance(m, UpcycledMLP)), 0.0)
+
+    @staticmethod
+    def layer_counts(model: nn.Module) -> list:
+        return [m.expert_counts for m in model.modules() if isinstance(m, UpcycledMLP)]

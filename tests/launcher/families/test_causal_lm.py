@@ -1,0 +1,114 @@
+"""`smoe train --init` for causal LMs: an upcycled Llama trains on the engine with the k schedule,
+resumes exactly, runs on two expert-parallel ranks as on one, evaluates at every k; the dense
+baseline and a Llama from scratch train too; and what cannot work is refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from smoe.launcher.runtime.distributed import free_port
+
+from runs import run, scalars, smoe
+
+VOCAB = 300
+LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+CAUSAL = ["block_size=16", "batch_size=8", "eval_batch_size=4", "log_every=1", "eval_every=100", "save_every=100",
+          "eval_segments=2", "warmup_steps=2", "max_steps=8", "dispatch=sorted"]
+
+
+@pytest.fixture(scope="session")
+def llama_dirs(books, tmp_path_factory):
+    """A dense tiny Llama with a tokenizer trained on `books`, and it upcycled to 4 experts."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from smoe.data.mlm import train_tokenizer
+    from smoe.model.decoder import Upcycling, save_upcycled, upcycle
+
+    root = tmp_path_factory.mktemp("llama")
+    lines = [line for file in sorted(books.glob("*.txt")) for line in file.read_text().splitlines() if line.strip()]
+    tokenizer = train_tokenizer(lines, "causal-lm", VOCAB)
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA))
+    dense.save_pretrained(root / "dense")
+    tokenizer.save_pretrained(root / "dense")
+    save_upcycled(upcycle(dense, 4), Upcycling(4), root / "upcycled")
+    tokenizer.save_pretrained(root / "upcycled")
+    return root
+
+
+def train(books, out, *args, check=True):
+    return smoe("train", "--data-files", books, "--out", out, *CAUSAL, *args, check=check)
+
+
+def test_an_upcycled_llama_trains_resumes_exactly_and_evaluates_at_every_k(books, llama_dirs, tmp_path):
+    straight = tmp_path / "straight"
+    result = train(books, straight, "--init", llama_dirs / "upcycled")
+    assert "training smoe-dropout (causal-lm)" in result.stdout
+    config = json.loads((straight / "config.json").read_text())
+    assert (config["num_experts"], config["k_max"], config["d_model"], config["vocab_size"]) == (4, 4, 32, VOCAB)
+    assert (straight / "model" / "upcycling.json").is_file() and (straight / "model" / "config.json").is_file()
+    train(books, tmp_path / "split", "--init", llama_dirs / "upcycled", "--stop-at", "4")
+    train(books, tmp_path / "split", "--resume")
+    losses = scalars(straight, "train/loss")
+    assert sorted(losses) == list(range(1, 9))
+    assert scalars(tmp_path / "split", "train/loss") == pytest.approx(losses, abs=1e-6)
+    ks = [scalars(straight, "moe/top_k")[step] for step in range(1, 9)]
+    assert ks[0] == 1 and ks[-1] == 4 and ks == sorted(ks)  # k grows from k_min 1 to the directory's N
+    perplexity = scalars(straight, "train/perplexity")
+    assert perplexity[8] == pytest.approx(torch.tensor(losses[8]).exp().item(), rel=1e-4)
+    report = json.loads((straight / "eval.json").read_text())
+    assert report["unit"] == "bits/token" and [row["k"] for row in report["rows"]] == [1, 2, 4]
+    smoe("eval", straight, "--json", tmp_path / "eval.json")
+    for row, expected in zip(json.loads((tmp_path / "eval.json").read_text())["rows"], report["rows"]):
+        assert row["valid_bpc"] == pytest.approx(expected["valid_bpc"], abs=1e-5)
+
+
+def test_the_first_step_starts_from_the_upcycled_weights(books, llama_dirs, tmp_path):
+    """At k = N the upcycled model is the dense one: the first step's loss is the dense baseline's."""
+    upcycled = train(books, tmp_path / "moe", "--init", llama_dirs / "upcycled", "k_min=4", "max_steps=1")
+    dense = train(books, tmp_path / "dense", "--init", llama_dirs / "dense", "--method", "dense", "max_steps=1")
+    assert "training dense (causal-lm)" in dense.stdout and upcycled.returncode == 0
+    assert scalars(tmp_path / "moe", "train/loss")[1] == pytest.approx(scalars(tmp_path / "dense", "train/loss")[1],
+                                                                       rel=1e-5)
+
+
+def test_two_expert_parallel_ranks_train_as_one(books, llama_dirs, tmp_path):
+    """The same two data-parallel ranks with ep_size 2 and 1: the losses of every step agree, so the
+    forward and the gradients (which make the later steps' losses) do."""
+    def ranks(out, ep_size):
+        return run(["deepspeed", "--num_gpus", 2, "--master_port", free_port(), "--module", "smoe.launcher.cli",
+                    "train", "--init", llama_dirs / "upcycled", "--data-files", books, "--out", out, *CAUSAL,
+                    "max_steps=4", "k_min=2", f"ep_size={ep_size}"])
+
+    assert "2 rank(s), ep_size 2" in ranks(tmp_path / "ep2", 2).stdout
+    ranks(tmp_path / "ep1", 1)
+    assert scalars(tmp_path / "ep2", "train/loss") == pytest.approx(scalars(tmp_path / "ep1", "train/loss"), rel=1e-5)
+    assert len(list((tmp_path / "ep2" / "checkpoints" / "step000004").glob("layer_*_expert_*"))) == 2 * 4
+
+
+def test_a_llama_trains_from_scratch_with_a_tokenizer_trained_on_the_text(books, tmp_path):
+    result = smoe("train", "--preset", "llama-tiny", "--method", "dense", "--data-files", books, "--out", tmp_path,
+                  *CAUSAL, "n_layer=2", "d_model=32", "d_ff=64", f"vocab_size={VOCAB}", "max_positions=16")
+    assert "training dense (llama-tiny)" in result.stdout
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init", "{dense}", "--method", "smoe-dropout"], "is a dense model: train it with --method dense"),
+    (["--init", "{upcycled}", "--method", "smoe-learned"], "was upcycled for method smoe-dropout"),
+    (["--init", "{upcycled}", "d_model=64"], "d_model=64: the --init directory fixes it"),
+    (["--init", "{upcycled}", "--method", "dense-concrete"], "upcycled for method smoe-dropout"),
+    (["--init", "{missing}"], "holds no config.json"),
+    (["--preset", "causal-lm"], "takes its model from --init"),
+    (["--preset", "tiny", "--init", "{upcycled}"], "preset tiny trains another model"),
+])
+def test_what_cannot_train_is_refused_before_anything_is_written(books, llama_dirs, tmp_path, args, message):
+    paths = {"dense": llama_dirs / "dense", "upcycled": llama_dirs / "upcycled", "missing": tmp_path / "none"}
+    result = train(books, tmp_path / "run", *[a.format(**paths) for a in args], check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
