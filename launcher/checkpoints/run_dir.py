@@ -40,6 +40,11 @@ class RunDir:
         return self.root / "eval.json"
 
     @property
+    def pruned(self) -> Path:
+        """The validation sweep by k of the weights a run started from (an upcycled model before training)."""
+        return self.root / "pruned.json"
+
+    @property
     def dispatch(self) -> Path:
         """What ``dispatch=auto`` runs at each k, as timed when the run started (a resume reuses it)."""
         return self.root / "dispatch.json"

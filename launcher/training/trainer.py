@@ -238,6 +238,8 @@ class Trainer:
         log.info(f"training {config.method} ({config.preset}) on {self.family.source}: steps {self.step}->{end}, "
                  f"{self.world} rank(s), ep_size {config.ep_size}, {tokens_per_step:,} tokens/step")
         try:
+            if self.step == 0 and config.init and self.moe_layers:
+                self.pruned_sweep()
             with _StopSignals(self):
                 while self.step < end:
                     started = time.perf_counter()
@@ -316,6 +318,20 @@ class Trainer:
                                               ("val/perplexity", math.exp(min(loss, 700)), self.step)])
             k = f" (k={self.schedule(self.step)})" if self.moe_layers else ""
             log.info(f"step {self.step} | valid {self.family.unit} {loss / LN2:.4f}{k}")
+
+    def pruned_sweep(self) -> list:
+        """The validation split at every k of ``eval_ks`` before the first step: what running an upcycled
+        model below k = N costs before any training (the "pruned" curve), into ``pruned.json``."""
+        family, model = self.family, self.engine.module
+        log.info(f"before training (the weights of {self.config.init}): valid {family.unit} by k\n"
+                 f"{format_header(family.unit)}")
+        rows = sweep(model, list(self.config.eval_ks), lambda: self._eval_loss("valid", self.config.eval_segments),
+                     None, lambda: family.flops_per_token(model, self.device))
+        if self.rank == 0:
+            report = {"source": family.source, "step": 0, "init": self.config.init, "unit": family.unit,
+                      "eval_segments": self.config.eval_segments, "rows": rows_to_json(rows)}
+            write_atomic(self.paths.pruned, json.dumps(report, indent=2).encode())
+        return rows
 
     def final_sweep(self) -> list:
         """The validation and test splits at every k in ``eval_ks``: bits per token, active parameters, FLOPs."""

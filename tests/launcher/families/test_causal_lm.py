@@ -60,6 +60,9 @@ def test_an_upcycled_llama_trains_resumes_exactly_and_evaluates_at_every_k(books
     assert ks[0] == 1 and ks[-1] == 4 and ks == sorted(ks)  # k grows from k_min 1 to the directory's N
     perplexity = scalars(straight, "train/perplexity")
     assert perplexity[8] == pytest.approx(torch.tensor(losses[8]).exp().item(), rel=1e-4)
+    pruned = json.loads((straight / "pruned.json").read_text())  # before the first step: k < N costs
+    assert [row["k"] for row in pruned["rows"]] == [1, 2, 4] and pruned["step"] == 0
+    assert len({row["valid_bpc"] for row in pruned["rows"]}) == 3  # each k its own model
     report = json.loads((straight / "eval.json").read_text())
     assert report["unit"] == "bits/token" and [row["k"] for row in report["rows"]] == [1, 2, 4]
     smoe("eval", straight, "--json", tmp_path / "eval.json")
