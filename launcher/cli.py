@@ -89,39 +89,19 @@ def _run_train(args) -> None:
         config, changes = resumed_config(run.load_config(), overrides, args.preset)
         for change in changes:
             log.info(f"resume changes {change}")
-    elif args.init:
-        config = _config_from_init(args.init, args.preset or "causal-lm", overrides)
     else:
-        if args.preset == "causal-lm":
+        if args.init:
+            overrides["init"] = args.init
+        init = overrides.get("init")
+        if init and not Path(init, "upcycling.json").is_file() and "method" not in overrides:
+            log.note(f"{init} is not upcycled: training it as the dense baseline (`smoe upcycle` it for SMoE-Dropout)")
+        if args.preset == "causal-lm" and not init:
             raise ValueError("preset causal-lm takes its model from --init DIR (`smoe upcycle`'s output): pass --init, "
                              "or --preset llama-tiny to train a small Llama from scratch")
-        config = build_config(args.preset or "tiny", overrides)
+        config = build_config(args.preset or ("causal-lm" if init else "tiny"), overrides)
     trainer = Trainer(config, run.root, resume=resume, fresh_ok=args.auto_resume)
     trainer.train(stop_at=args.stop_at)
     return EXIT_STOPPED_BY_SIGNAL if trainer.stopped_by_signal else 0
-
-
-def _config_from_init(init: str, preset: str, overrides: dict):
-    """A causal-LM run's config: the preset, then what the --init directory fixes (shape, experts,
-    tokenizer), then the overrides; k_min is clipped to the directory's N unless given."""
-    from smoe.launcher.config import build_config, preset_values
-    from smoe.launcher.families.causal_lm import check_init_method, init_fields
-
-    if preset_values(preset).get("model") != "causal-lm":
-        raise ValueError(f"--init starts a causal-lm run: preset {preset} trains another model; use --preset "
-                         "causal-lm (the default with --init)")
-    fields = init_fields(init)
-    check_init_method(fields, overrides.get("method", fields["method"]))
-    if fields["method"] == "dense" and "method" not in overrides:
-        log.note(f"{init} is a dense model: training the dense baseline (`smoe upcycle` it for SMoE-Dropout)")
-    fixed = [key for key in fields if key not in ("method", "k_max", "eval_ks", "tokenizer") and key in overrides
-             and overrides[key] != fields[key]]
-    if fixed:
-        raise ValueError(f"{fixed[0]}={overrides[fixed[0]]}: the --init directory fixes it ({fields[fixed[0]]}); drop "
-                         "the override, or upcycle (or save) a model of that shape")
-    if "num_experts" in fields and "k_min" not in overrides:
-        fields["k_min"] = min(preset_values(preset).get("k_min", 1), fields["num_experts"])
-    return build_config(preset, {**fields, **overrides})
 
 
 def _add_eval(commands) -> None:
@@ -239,14 +219,15 @@ def _run_bench_train(args) -> None:
     from smoe.data.enwik8 import check_byte_file
     from smoe.data.mlm import text_files
     from smoe.launcher.bench import train as bench_train
-    from smoe.launcher.config import build_config, parse_ks, parse_override
+    from smoe.launcher.config import parse_ks, parse_override
 
-    config = build_config(args.preset, dict(parse_override(text) for text in args.overrides))
+    overrides = dict(parse_override(text) for text in args.overrides)
+    config = bench_train.bench_config(args, overrides)
     if config.text != bool(args.data_files):
-        raise ValueError(f"preset {args.preset} trains {config.model}: pass "
+        raise ValueError(f"preset {bench_train.preset(args)} trains {config.model}: pass "
                          + ("--data-files (text)" if config.text else "--data-file (a byte file)"))
     for k in parse_ks(args.ks, "--ks") if args.ks else []:
-        build_config(args.preset, {**dict(parse_override(text) for text in args.overrides), "k_min": k, "k_max": k})
+        bench_train.bench_config(args, {**overrides, "k_min": k, "k_max": k})
     if args.warmup < 0 or args.steps < 1:
         raise ValueError(f"--warmup ({args.warmup}) must not be negative and --steps ({args.steps}) at least 1")
     if args.data_file:

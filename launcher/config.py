@@ -14,6 +14,7 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from importlib.resources import files
+from pathlib import Path
 
 from smoe.data.mlm import check_block_fits
 from smoe.model.feedforward import FeedForwardSpec, combine_scale_value, get_method, moe_layers
@@ -280,7 +281,72 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def build_config(preset: str, overrides: dict | None = None) -> TrainConfig:
-    return TrainConfig.from_dict({**preset_values(preset), **(overrides or {})})
+    """The preset, then what an ``init`` directory fixes (causal-LM: shape, experts, tokenizer), then the
+    overrides."""
+    overrides = dict(overrides or {})
+    values = preset_values(preset)
+    if overrides.get("init"):
+        if values.get("model") != "causal-lm":
+            raise ValueError(f"--init starts a causal-lm run: preset {preset} trains another model; use --preset "
+                             "causal-lm (the default with --init)")
+        fields = init_fields(overrides["init"])
+        check_init_method(fields, overrides.get("method", fields["method"]))
+        fixed = [key for key in fields if key not in ("method", "k_max", "eval_ks", "tokenizer", "init")
+                 and key in overrides and overrides[key] != fields[key]]
+        if fixed:
+            raise ValueError(f"{fixed[0]}={overrides[fixed[0]]}: the --init directory fixes it ({fields[fixed[0]]}); "
+                             "drop the override, or upcycle (or save) a model of that shape")
+        if "num_experts" in fields and "k_min" not in overrides:  # the preset's k_min, at most the directory's N
+            fields["k_min"] = min(values.get("k_min", 1), fields["num_experts"])
+        values.update(fields)
+    return TrainConfig.from_dict({**values, **overrides})
+
+
+CONFIG_FILE = "config.json"  # a Hugging Face directory's config
+
+
+def init_fields(init: str) -> dict:
+    """The run config's fields that an ``--init`` directory fixes: its shape, its experts (from
+    ``upcycling.json``) and its tokenizer. A dense directory trains with ``method=dense``."""
+    from transformers import AutoConfig
+
+    from smoe.data.mlm import TOKENIZER_FILES
+    from smoe.model.decoder import UPCYCLING_FILE, Upcycling, architecture_of
+
+    directory = Path(init)
+    if not (directory / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"--init {init} holds no {CONFIG_FILE}: pass a directory written by `smoe upcycle` "
+                                "(or by save_pretrained, for the dense baseline)")
+    hf_config = AutoConfig.from_pretrained(directory)
+    architecture_of(hf_config)  # refuses what cannot be upcycled or trained here
+    d_model = hf_config.hidden_size
+    fields = {"init": str(directory.resolve()), "n_layer": hf_config.num_hidden_layers, "d_model": d_model,
+              "n_head": hf_config.num_attention_heads, "vocab_size": hf_config.vocab_size,
+              "d_ff": getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None)
+              or 4 * d_model, "max_positions": hf_config.max_position_embeddings}
+    if any((directory / name).is_file() for name in TOKENIZER_FILES):
+        fields["tokenizer"] = fields["init"]
+    if (directory / UPCYCLING_FILE).is_file():
+        upcycling = Upcycling.read(directory)
+        n = upcycling.num_experts
+        fields.update(method=upcycling.method, num_experts=n, moe_layers=upcycling.moe_layers,
+                      combine_scale=f"{upcycling.combine_scale:g}", k_max=n,
+                      eval_ks=tuple(sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k < n} | {n})))
+    else:
+        fields["method"] = "dense"
+    return fields
+
+
+def check_init_method(fields: dict, method: str) -> None:
+    """An upcycled directory trains the method it was upcycled for; a dense one trains dense."""
+    if method == fields["method"]:
+        return
+    if fields["method"] == "dense":
+        raise ValueError(f"--init {fields['init']} is a dense model: train it with --method dense (the baseline), or "
+                         f"upcycle it first with `smoe upcycle {fields['init']} OUT --num-experts N --method {method}`")
+    raise ValueError(f"--init {fields['init']} was upcycled for method {fields['method']}, not {method}: drop "
+                     f"--method, or upcycle the dense model again with --method {method}")
+
 
 
 def canonical_key(key: str) -> str:

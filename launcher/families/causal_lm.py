@@ -18,57 +18,14 @@ from pathlib import Path
 
 from torch import nn
 
-from smoe.data.mlm import TOKENIZER_FILES
-from smoe.launcher.config import TrainConfig
+from smoe.launcher.config import CONFIG_FILE, TrainConfig
 from smoe.launcher.families.text import TextFamily, seeded_cpu_rng
 from smoe.launcher.runtime.files import write_atomic
-from smoe.model.decoder import (UPCYCLING_FILE, UpcycledMLP, Upcycling, architecture_of, build_upcycled,
-                                load_upcycled_weights)
+from smoe.model.decoder import UPCYCLING_FILE, UpcycledMLP, Upcycling, build_upcycled, load_upcycled_weights
 from smoe.model.feedforward import get_method
 from smoe.model.parallel import init_expert_parallel
 
 MODEL_DIR = "model"  # in the run directory: the structure the run's model is built from
-CONFIG_FILE = "config.json"
-
-
-def init_fields(init: str) -> dict:
-    """The run config's fields that an ``--init`` directory fixes: its shape, its experts (from
-    ``upcycling.json``) and its tokenizer. A dense directory trains with ``method=dense``."""
-    from transformers import AutoConfig
-
-    directory = Path(init)
-    if not (directory / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"--init {init} holds no {CONFIG_FILE}: pass a directory written by `smoe upcycle` "
-                                "(or by save_pretrained, for the dense baseline)")
-    hf_config = AutoConfig.from_pretrained(directory)
-    architecture_of(hf_config)  # refuses what cannot be upcycled or trained here
-    d_model = hf_config.hidden_size
-    fields = {"init": str(directory.resolve()), "n_layer": hf_config.num_hidden_layers, "d_model": d_model,
-              "n_head": hf_config.num_attention_heads, "vocab_size": hf_config.vocab_size,
-              "d_ff": getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None)
-              or 4 * d_model, "max_positions": hf_config.max_position_embeddings}
-    if any((directory / name).is_file() for name in TOKENIZER_FILES):
-        fields["tokenizer"] = fields["init"]
-    if (directory / UPCYCLING_FILE).is_file():
-        upcycling = Upcycling.read(directory)
-        n = upcycling.num_experts
-        fields.update(method=upcycling.method, num_experts=n, moe_layers=upcycling.moe_layers,
-                      combine_scale=f"{upcycling.combine_scale:g}", k_max=n,
-                      eval_ks=tuple(sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k < n} | {n})))
-    else:
-        fields["method"] = "dense"
-    return fields
-
-
-def check_init_method(fields: dict, method: str) -> None:
-    """An upcycled directory trains the method it was upcycled for; a dense one trains dense."""
-    if method == fields["method"]:
-        return
-    if fields["method"] == "dense":
-        raise ValueError(f"--init {fields['init']} is a dense model: train it with --method dense (the baseline), or "
-                         f"upcycle it first with `smoe upcycle {fields['init']} OUT --num-experts N --method {method}`")
-    raise ValueError(f"--init {fields['init']} was upcycled for method {fields['method']}, not {method}: drop "
-                     f"--method, or upcycle the dense model again with --method {method}")
 
 
 def scratch_config(config: TrainConfig):
