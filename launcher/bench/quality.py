@@ -65,10 +65,12 @@ def parse_seeds(text: str) -> list[int | None]:
 def add_arguments(parser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--out", required=True, help="directory for the runs (OUT/METHOD/seed-S)")
-    parser.add_argument("--preset", default="tiny", help="tiny (Transformer-XL), bert-tiny or roberta-tiny")
+    parser.add_argument("--preset", default="tiny", help="tiny (Transformer-XL), bert-tiny or roberta-tiny, or "
+                                                         "causal-lm with each method's init=DIR")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="comma-separated methods, each with optional :key=value overrides "
-                             "(e.g. dense,smoe-dropout:combine_scale=1,smoe-dropout:combine_scale=N)")
+                             "(e.g. dense,smoe-dropout:combine_scale=1,smoe-dropout:combine_scale=N; causal-lm: "
+                             "dense:init=DENSE_DIR,smoe-dropout:init=UPCYCLED_DIR)")
     parser.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2 (default: the preset's seed)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, sharing the cores (default 1)")
     parser.add_argument("--json", help="write every run's sweep and the statistics here")
@@ -78,7 +80,8 @@ def add_arguments(parser) -> None:
 
 
 def run_dir_of(out: Path, variant: Variant, seed: int | None) -> Path:
-    return out / variant.label / ("seed-default" if seed is None else f"seed-{seed}")
+    """OUT/LABEL/seed-S, the label's path separators (an ``init=DIR`` override's) made underscores."""
+    return out / variant.label.replace("/", "_") / ("seed-default" if seed is None else f"seed-{seed}")
 
 
 def train_command(args, variant: Variant, seed: int | None, run_dir: Path) -> list[str]:
