@@ -12,17 +12,15 @@ measured speed by k. Load it with
 (``AutoModelForMaskedLM``, ``...ForSequenceClassification`` or ``...ForMultipleChoice`` for
 BERT/RoBERTa). Before OUT appears, the export is loaded back that way and its outputs are
 compared with smoe's at every k (fp32, 1e-5); OUT is written under a temporary name and
-renamed at the end, so a failed export leaves nothing behind.
+renamed at the end, so a failed export leaves nothing behind. An upcycled directory (`smoe upcycle`)
+is exported as transformers' own MoE class instead (:mod:`smoe.launcher.export.native`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,17 +31,17 @@ from smoe.launcher.evaluation.metrics import active_parameters, flops_per_token,
 from smoe.launcher.export.bundle import MODELING_FILE, MODELING_MODULE, bundle
 from smoe.launcher.export.card import model_card
 from smoe.launcher.export.convert import CONFIG_CLASSES, Source, exported_config, exported_state, read_source
+from smoe.launcher.export.verify import CHECK_LENGTH, check_at_every_k, padded_ids, refuse_existing, staged
 from smoe.launcher.runtime import log
 from smoe.launcher.runtime.files import write_atomic
 from smoe.model.moe import moe_layers_of, set_top_k
 
-TOLERANCE = 1e-5  # fp32: the largest difference from smoe's logits, relative to their largest magnitude
-CHECK_LENGTH = 32  # tokens per row of the comparison
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("source", help="a `smoe train` run, a `smoe slim` / `smoe finetune` model directory, or a "
-                                       "consolidated .safetensors file")
+    parser.add_argument("source", help="a `smoe train` run, a `smoe slim` / `smoe finetune` model directory, a "
+                                       "consolidated .safetensors file, or a `smoe upcycle` directory (exported as "
+                                       "transformers' own MoE class)")
     parser.add_argument("out", help="the directory to write (new, or empty)")
     parser.add_argument("--k", type=int, help="num_experts_per_tok the directory loads at (default: the model's)")
     parser.add_argument("--ks", help="the ks of the card's speed table (default: 1, 2, 4, ... up to N)")
@@ -82,16 +80,11 @@ def write_export(source: Source, directory: Path, k: int | None) -> None:
 
 def comparison_inputs(source: Source, exported) -> dict:
     """Inputs for both models: random ids, and for BERT/RoBERTa an attention mask with padding."""
-    generator = torch.Generator().manual_seed(0)
     config = exported.config
     if source.family == "transformer-xl":
-        return {"input_ids": torch.randint(config.vocab_size, (2, 2, CHECK_LENGTH), generator=generator)}
+        return {"input_ids": padded_ids(config.vocab_size, (2, 2, CHECK_LENGTH))["input_ids"]}
     length = min(CHECK_LENGTH, max_tokens(config))
-    shape = (2, 2, length) if source.head == "multiple-choice" else (2, length)
-    ids = torch.randint(config.vocab_size, shape, generator=generator)
-    mask = torch.ones_like(ids)
-    mask[-1, ..., length // 2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_ids(config.vocab_size, (2, 2, length) if source.head == "multiple-choice" else (2, length))
 
 
 def outputs(source: Source, model, inputs: dict, exported: bool) -> torch.Tensor:
@@ -108,24 +101,21 @@ def outputs(source: Source, model, inputs: dict, exported: bool) -> torch.Tensor
     return torch.cat(logits, dim=1)
 
 
-@torch.no_grad()
 def check_outputs(source: Source, exported, ks: list[int]) -> float:
-    """The largest relative difference of the exported model's logits from smoe's over ``ks``;
-    raises above :data:`TOLERANCE`."""
+    """:func:`check_at_every_k` of the remote-code export against smoe's model."""
     inputs = comparison_inputs(source, exported)
-    worst = 0.0
-    for k in ks:
+
+    def smoe_logits(k):
         if k is not None:
             set_top_k(source.model, k)
+        return outputs(source, source.model, inputs, exported=False)
+
+    def exported_logits(k):
+        if k is not None:
             exported.set_top_k(k)
-        expected = outputs(source, source.model, inputs, exported=False)
-        got = outputs(source, exported, inputs, exported=True)
-        difference = ((got - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
-        worst = max(worst, difference)
-        if not difference <= TOLERANCE:
-            raise RuntimeError(f"the exported model's logits differ from smoe's by {difference:.2e} at k={k} "
-                               f"(tolerance {TOLERANCE:g}): the export is wrong, please report it")
-    return worst
+        return outputs(source, exported, inputs, exported=True)
+
+    return check_at_every_k(ks, smoe_logits, exported_logits)
 
 
 @torch.no_grad()
@@ -185,9 +175,7 @@ def unit_of(family: str) -> str:
 
 def export(source: Source, out: Path, args) -> dict:
     """Write, load back, compare, time and describe; returns the slimming table."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{out.name}_partial_", dir=out.parent))
-    try:
+    with staged(out) as staging:
         write_export(source, staging, args.k)
         exported = load_exported(staging)
         layers = moe_layers_of(source.model)
@@ -208,18 +196,17 @@ def export(source: Source, out: Path, args) -> dict:
                  "rows": slimming_rows(source, ks, speed, quality)}
         write_atomic(staging / SLIMMING_FILE, json.dumps(table, indent=2))
         write_atomic(staging / "README.md", model_card(source, exported.config, table, out.name))
-        if out.exists():
-            out.rmdir()  # empty: checked before anything was written
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return table
 
 
 def run(args) -> None:
+    from smoe.launcher.export.native import export_upcycled, is_upcycled
+
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty directory: export into a new directory")
+    refuse_existing(out)
+    if is_upcycled(Path(args.source)):  # a native MoE class: no speed table, no quality
+        export_upcycled(Path(args.source), out, args.k)
+        return
     for name in ("batch", "length", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} ({getattr(args, name)}) must be at least 1")

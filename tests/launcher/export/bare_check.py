@@ -1,7 +1,9 @@
 """Run by the bare environment's python (torch, transformers and safetensors only): load each
 exported directory as a deployment would and compare its logits at every k with what smoe gave.
 
-argv: a JSON file of cases {"dir", "auto_class", "expected", "segments"}; prints one JSON line of results."""
+argv: a JSON file of cases {"dir", "auto_class", "expected", "segments"} (remote code) or {"dir", "native",
+"expected", "text"} (transformers' own MoE class, loaded once per k; text to tokenize, if any); prints one
+JSON line of results."""
 
 import importlib.util
 import json
@@ -33,7 +35,7 @@ def check(case: dict) -> dict:
         for k, want in sorted(by_k.items()):
             model.set_top_k(k)
             got = logits(model, inputs, case["segments"])
-            result["differences"][k] = ((got - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
+            result["differences"][k] = difference(got, want)
     try:
         model.set_top_k(model.config.num_experts + 1)
     except ValueError as error:
@@ -43,11 +45,38 @@ def check(case: dict) -> dict:
     return result
 
 
+def difference(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
+
+
+def check_native(case: dict) -> dict:
+    """Loaded at each k as ``num_experts_per_tok=k`` says, without remote code: every tensor loaded, the
+    logits and the greedy tokens smoe gave at that k."""
+    expected = torch.load(case["expected"])
+    result = {"differences": {}, "loaded_k": {}, "generated": {}, "loading_info": {}}
+    for k, want in sorted(expected["logits"].items()):
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(case["dir"], num_experts_per_tok=k,
+                                                                        output_loading_info=True)
+        model.eval()
+        result["class"] = type(model).__name__
+        result["loading_info"][k] = {key: sorted(map(str, value)) for key, value in info.items() if value}
+        result["loaded_k"][k] = sorted({m.top_k for m in model.modules() if hasattr(m, "top_k")})
+        with torch.no_grad():
+            result["differences"][k] = difference(model(**expected["inputs"]).logits, want)
+            tokens = model.generate(expected["prompt"], max_new_tokens=expected["new_tokens"], do_sample=False,
+                                    pad_token_id=0)
+        result["generated"][k] = tokens[0, expected["prompt"].shape[1]:].tolist()
+    if case.get("text"):  # the tokenizer went with it
+        result["tokenized"] = transformers.AutoTokenizer.from_pretrained(case["dir"])(case["text"])["input_ids"]
+    return result
+
+
 def main() -> None:
     cases = json.loads(open(sys.argv[1]).read())
     importable = {name: importlib.util.find_spec(name) is not None for name in ("smoe", "deepspeed", "datasets")}
     print(json.dumps({"importable": importable, "transformers": transformers.__version__,
-                      "cases": {name: check(case) for name, case in cases.items()}}))
+                      "cases": {name: check_native(case) if case.get("native") else check(case)
+                                for name, case in cases.items()}}))
 
 
 if __name__ == "__main__":
