@@ -291,3 +291,27 @@ def export_upcycled(directory: Path, out: Path, top_k: int | None = None) -> dic
     log.info(f"wrote {out}: {facts['architecture']}, {facts['num_experts']} experts, k={facts['num_experts_per_tok']} "
              f"by default; load it with AutoModelForCausalLM.from_pretrained('{out}', num_experts_per_tok=k)")
     return facts
+
+
+def export_causal_run(model: nn.Module, out: Path, top_k: int | None, tokenizer_dir: Path, origin: str) -> None:
+    """`smoe export RUN OUT` of a causal-LM run: an MoE as its native MoE class (:func:`native_export`), a
+    dense model as its own transformers class (the upcycling study's pretrained model), loaded back and
+    matched with smoe before OUT appears."""
+    if any(isinstance(module, UpcycledMLP) for module in model.modules()):
+        facts = native_export(model, out, top_k, tokenizer_dir=tokenizer_dir, origin=origin)
+        log.info(f"wrote {out}: {facts['architecture']}, {facts['num_experts']} experts, "
+                 f"k={facts['num_experts_per_tok']} by default")
+        return
+    from transformers import AutoModelForCausalLM
+
+    if top_k is not None:
+        raise ValueError(f"--k {top_k}: {origin} is dense (no experts), so there is no k to choose; drop --k")
+    model = model.eval()
+    with staged(out) as staging:
+        model.config.use_cache = True  # the run's training setting off: generation uses the cache
+        model.save_pretrained(staging)
+        copy_tokenizer(Path(tokenizer_dir), staging)
+        loaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).eval()
+        inputs = padded_ids(model.config.vocab_size, (2, min(CHECK_LENGTH, model.config.max_position_embeddings)))
+        check_at_every_k([None], lambda k: model(**inputs).logits, lambda k: loaded(**inputs).logits)
+    log.info(f"wrote {out}: {type(model).__name__} (dense), from {origin}")

@@ -200,7 +200,7 @@ def export(source: Source, out: Path, args) -> dict:
 
 
 def run(args) -> None:
-    from smoe.launcher.export.native import export_upcycled, is_upcycled
+    from smoe.launcher.export.native import export_causal_run, export_upcycled, is_upcycled
 
     out = Path(args.out)
     refuse_existing(out)
@@ -214,6 +214,12 @@ def run(args) -> None:
         raise FileNotFoundError(f"--eval-json {args.eval_json} does not exist: write one with "
                                 "`smoe eval RUN --json FILE`")
     source = read_source(Path(args.source))
+    if source.config is not None and source.config.model == "causal-lm":  # transformers' own classes
+        config = source.config
+        tokenizer_dir = Path(config.tokenizer) if config.tokenizer else source.path / "tokenizer"
+        origin = f"`{source.path}` ({source.facts.get('checkpoint', source.kind)})"
+        export_causal_run(source.model, out, args.k, tokenizer_dir, origin)
+        return
     args.ks = parse_ks(args.ks, "--ks") if args.ks else None
     table = export(source, out, args)
     log.info(f"wrote {out}: {source.family} {source.head}, {len(table['rows'])} k(s) in the card; load it with "
