@@ -11,33 +11,12 @@ import torch
 
 from smoe.launcher.runtime.distributed import free_port
 
+from conftest import LLAMA
 from runs import run, scalars, smoe
 
-VOCAB = 300
-LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
+VOCAB = LLAMA["vocab_size"]
 CAUSAL = ["block_size=16", "batch_size=8", "eval_batch_size=4", "log_every=1", "eval_every=100", "save_every=100",
           "eval_segments=2", "warmup_steps=2", "max_steps=8", "dispatch=sorted"]
-
-
-@pytest.fixture(scope="session")
-def llama_dirs(books, tmp_path_factory):
-    """A dense tiny Llama with a tokenizer trained on `books`, and it upcycled to 4 experts."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from smoe.data.mlm import train_tokenizer
-    from smoe.model.decoder import Upcycling, save_upcycled, upcycle
-
-    root = tmp_path_factory.mktemp("llama")
-    lines = [line for file in sorted(books.glob("*.txt")) for line in file.read_text().splitlines() if line.strip()]
-    tokenizer = train_tokenizer(lines, "causal-lm", VOCAB)
-    torch.manual_seed(0)
-    dense = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA))
-    dense.save_pretrained(root / "dense")
-    tokenizer.save_pretrained(root / "dense")
-    save_upcycled(upcycle(dense, 4), Upcycling(4), root / "upcycled")
-    tokenizer.save_pretrained(root / "upcycled")
-    return root
 
 
 def train(books, out, *args, check=True):
@@ -68,6 +47,12 @@ def test_an_upcycled_llama_trains_resumes_exactly_and_evaluates_at_every_k(books
     smoe("eval", straight, "--json", tmp_path / "eval.json")
     for row, expected in zip(json.loads((tmp_path / "eval.json").read_text())["rows"], report["rows"]):
         assert row["valid_bpc"] == pytest.approx(expected["valid_bpc"], abs=1e-5)
+    smoe("export", straight, tmp_path / "native")  # the trained run as transformers' own MoE class
+    from transformers import AutoModelForCausalLM
+
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "native", num_experts_per_tok=2)
+    assert type(native).__name__ == "MixtralForCausalLM" and native.config.num_experts_per_tok == 2
+    assert native.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
 
 
 def test_the_first_step_starts_from_the_upcycled_weights(books, llama_dirs, tmp_path):
@@ -94,11 +79,14 @@ def test_two_expert_parallel_ranks_train_as_one(books, llama_dirs, tmp_path):
 
 
 def test_a_llama_trains_from_scratch_with_a_tokenizer_trained_on_the_text(books, tmp_path):
-    result = smoe("train", "--preset", "llama-tiny", "--method", "dense", "--data-files", books, "--out", tmp_path,
+    result = smoe("train", "--preset", "llama-tiny", "--method", "dense", "--data-files", books, "--out", tmp_path / "run",
                   *CAUSAL, "n_layer=2", "d_model=32", "d_ff=64", f"vocab_size={VOCAB}", "max_positions=16")
     assert "training dense (llama-tiny)" in result.stdout
-    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
-    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "llama"
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["model_type"] == "llama"
+    smoe("export", tmp_path / "run", tmp_path / "hf")  # dense: its own class, the study's way to `smoe upcycle`
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
 @pytest.mark.parametrize("args, message", [
