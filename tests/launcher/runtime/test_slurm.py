@@ -67,6 +67,20 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, corpus, t
     assert (out / "eval.json").is_file()
 
 
+def test_an_upcycled_llama_trains_as_a_slurm_job_with_experts_over_both_ranks(slurm, books, llama_dirs, tmp_path):
+    """The same script trains a causal LM: `--init` and the text instead of the byte file."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = slurm.sbatch(SLURM_DIR / "cpu.sbatch", "--init", llama_dirs / "upcycled", "--data-files", books,
+                       "--out", out, "block_size=16", "batch_size=4", "eval_batch_size=4", "max_steps=4",
+                       "eval_every=100", "eval_segments=1", "dispatch=sorted", "ep_size=2",
+                       options=[f"--output={log}"],
+                       env={"SMOE_SLURM_DIR": str(SLURM_DIR), "MASTER_PORT": str(free_port())})
+    assert slurm.wait(job, timeout=300) == "COMPLETED", log.read_text()[-3000:] if log.exists() else slurm.logs()
+    assert "training smoe-dropout (causal-lm)" in log.read_text() and "2 rank(s), ep_size 2" in log.read_text()
+    assert len(list((out / "checkpoints" / "step000004").glob("layer_*_expert_*"))) == 2 * 4
+    assert (out / "eval.json").is_file() and (out / "pruned.json").is_file()
+
+
 def test_slurm_expands_the_first_host(slurm, monkeypatch):
     from smoe.launcher.runtime.slurm import first_host
 
