@@ -103,3 +103,20 @@ def test_what_cannot_train_is_refused_before_anything_is_written(books, llama_di
     result = train(books, tmp_path / "run", *[a.format(**paths) for a in args], check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_bf16_training_of_an_upcycled_llama_follows_fp32(books, llama_dirs, tmp_path):
+    """In a bf16 engine the first step (k = N: the dense model) gives fp32's loss to bf16 rounding, and
+    the frozen routers stay fp32 (the checkpoint holds them as they were upcycled)."""
+    from safetensors.torch import load_file
+
+    (tmp_path / "bf16.json").write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}))
+    common = ["--init", llama_dirs / "upcycled", "k_min=4", "max_steps=2"]
+    train(books, tmp_path / "bf16", *common, f"ds_config={tmp_path / 'bf16.json'}")
+    train(books, tmp_path / "fp32", *common)
+    bf16, fp32 = scalars(tmp_path / "bf16", "train/loss"), scalars(tmp_path / "fp32", "train/loss")
+    assert bf16[1] == pytest.approx(fp32[1], rel=2e-2) and bf16[1] != fp32[1]
+    smoe("ckpt", "consolidate", tmp_path / "bf16", tmp_path / "bf16.safetensors")
+    saved = load_file(str(llama_dirs / "upcycled" / "model.safetensors"))
+    routers = {name: t for name, t in load_file(str(tmp_path / "bf16.safetensors")).items() if ".gate.proj." in name}
+    assert routers and all(t.dtype == torch.float32 and torch.equal(t, saved[name]) for name, t in routers.items())
