@@ -44,18 +44,25 @@ def sweep(model: nn.Module, ks: list[int], valid_loss, test_loss, flops) -> list
 
 def format_header(unit: str = "BPC") -> str:
     valid, test = ("valid BPC", "test BPC") if unit == "BPC" else ("valid", "test")  # other units: in the title
-    return f"{'k':>4}  {valid:>9}  {test:>8}  {'active params':>13}  {'GFLOPs/token':>12}"
+    return f"{'k':>4}  {valid:>9}  {test:>8}  {'valid ppl':>9}  {'active params':>13}  {'GFLOPs/token':>12}"
+
+
+def perplexity(bits: float | None) -> float | None:
+    """Perplexity per token from bits per token: 2 ** bits."""
+    return None if bits is None else 2.0 ** bits
 
 
 def format_row(row: SweepRow) -> str:
     k = "-" if row.k is None else str(row.k)
     test = "-" if row.test_bpc is None else f"{row.test_bpc:.4f}"
-    return (f"{k:>4}  {row.valid_bpc:>9.4f}  {test:>8}  {row.active_params / 1e6:>12.2f}M  "
-            f"{row.flops_per_token / 1e9:>12.4f}")
+    return (f"{k:>4}  {row.valid_bpc:>9.4f}  {test:>8}  {perplexity(row.valid_bpc):>9.2f}  "
+            f"{row.active_params / 1e6:>12.2f}M  {row.flops_per_token / 1e9:>12.4f}")
 
 
 def rows_to_json(rows: list[SweepRow]) -> list[dict]:
-    return [asdict(r) for r in rows]
+    """Each row's fields, and the perplexities they give."""
+    return [{**asdict(r), "valid_perplexity": perplexity(r.valid_bpc), "test_perplexity": perplexity(r.test_bpc)}
+            for r in rows]
 
 
 def plot(rows: list[SweepRow], path, title: str, unit: str = "BPC") -> None:

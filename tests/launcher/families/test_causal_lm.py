@@ -44,6 +44,7 @@ def test_an_upcycled_llama_trains_resumes_exactly_and_evaluates_at_every_k(books
     assert len({row["valid_bpc"] for row in pruned["rows"]}) == 3  # each k its own model
     report = json.loads((straight / "eval.json").read_text())
     assert report["unit"] == "bits/token" and [row["k"] for row in report["rows"]] == [1, 2, 4]
+    assert all(row["test_perplexity"] == pytest.approx(2 ** row["test_bpc"]) for row in report["rows"])
     smoe("eval", straight, "--json", tmp_path / "eval.json")
     for row, expected in zip(json.loads((tmp_path / "eval.json").read_text())["rows"], report["rows"]):
         assert row["valid_bpc"] == pytest.approx(expected["valid_bpc"], abs=1e-5)
