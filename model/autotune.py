@@ -58,7 +58,7 @@ _FASTEST: dict[tuple, str] = {}
 def _key(layer: SMoE, param: torch.Tensor, num_tokens: int, k: int) -> tuple:
     config = layer.config
     return (config.d_model, config.d_ff // config.num_experts, config.num_experts, config.activation, config.gated,
-            config.bias, layer.training, str(param.device), param.dtype, num_tokens, k)
+            config.bias, config.has_output_bias, layer.training, str(param.device), param.dtype, num_tokens, k)
 
 
 def fastest_paths(layer: SMoE, num_tokens: int, ks, repeats: int = 1, seed: int = 0) -> dict[int, str]:

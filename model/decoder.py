@@ -4,7 +4,10 @@ Llama, Mistral, Qwen2 and Qwen3 (gated MLP ``down(silu(gate x) * up x)``, no bia
 GPT-2 (``c_proj(gelu_new(c_fc x))``, biases, Conv1D weights stored transposed) keep every
 weight but their selected layers' MLPs, which are split into N experts
 (:func:`smoe.model.bert.weighted_experts`) behind a router. Everything else is
-transformers' own module, so the model takes and returns what the dense one does.
+transformers' own module, so the model takes and returns what the dense one does. A dense
+output bias (GPT-2's ``c_proj.bias``) is not split: the experts have fc1's bias rows but no
+fc2 bias, and :class:`UpcycledMLP` adds the dense one once after the mixture, so the
+parameters are the dense model's plus the routers'.
 
 Exact at k = N: the N slices of a dense MLP sum to it, so k = N gives the dense model back
 when the router's weights are equal (1/N each, times ``combine_scale``, undone by the
@@ -90,19 +93,27 @@ ARCHITECTURES = {
 class UpcycledMLP(nn.Module):
     """A decoder layer's ``mlp``: an SMoE layer over the (batch, seq, d) hidden states.
 
-    Keeps the dense MLP's own output dropout (GPT-2's ``resid_pdrop``) and, like
-    :class:`smoe.model.encoder.ExpertFeedForward`, the layer's auxiliary loss and expert
-    counts from the last forward."""
+    Keeps what the dense MLP applies after its output projection and does not split: its
+    output bias (GPT-2's ``c_proj.bias``; ``output_bias``, None where the MLP has none) and its
+    output dropout (GPT-2's ``resid_pdrop``). The router's weights sum to 1 over the chosen
+    experts and the layer multiplies them by ``combine_scale``, so per-expert output biases of
+    b / combine_scale would add exactly b at every k: one bias, here beside the SMoE layer
+    (which stays experts, gate and dispatch), is the same function with N - 1 fewer. Like
+    :class:`smoe.model.encoder.ExpertFeedForward`, it keeps the layer's auxiliary loss and
+    expert counts from the last forward."""
 
-    def __init__(self, moe: SMoE, output_dropout: nn.Module):
+    def __init__(self, moe: SMoE, output_dropout: nn.Module, output_bias: torch.Tensor | None = None):
         super().__init__()
         self.moe = moe
+        self.output_bias = None if output_bias is None else nn.Parameter(output_bias.detach().clone())
         self.dropout = output_dropout
         self.aux_loss: torch.Tensor | float = 0.0
         self.expert_counts: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         y_TD, self.aux_loss, self.expert_counts = self.moe(hidden_states.reshape(-1, hidden_states.shape[-1]))
+        if self.output_bias is not None:
+            y_TD = y_TD + self.output_bias
         return self.dropout(y_TD.reshape(hidden_states.shape))
 
 
@@ -173,18 +184,22 @@ def _install_experts(model: nn.Module, upcycling: Upcycling, split_weights: bool
     for index in feedforward.moe_layers(upcycling.moe_layers, len(layers)):
         layer = layers[index]
         mlp = architecture.read_mlp(layer.mlp, activation)
+        output_bias = mlp.fc2.bias  # the layer's (UpcycledMLP's), not the experts'
+        mlp.fc2.register_parameter("bias", None)
         if mlp.d_ff % upcycling.num_experts:
             raise ValueError(f"the model's intermediate size ({mlp.d_ff}) is not divisible by num_experts "
                              f"({upcycling.num_experts}): pick num_experts dividing {mlp.d_ff}")
         config = MoEConfig(mlp.fc1.in_features, mlp.d_ff, upcycling.num_experts,
                            upcycling.top_k or upcycling.num_experts, upcycling.router, activation=activation,
                            dropout=0.0, seed=upcycling.seed + 101 * index, dispatch=dispatch, ep_size=ep_size,
-                           combine_scale=upcycling.combine_scale, gated=mlp.gated, bias=mlp.has_bias)
+                           combine_scale=upcycling.combine_scale, gated=mlp.gated, bias=mlp.has_bias,
+                           output_bias=False)
         moe = SMoE(config, ep_rank)
         if split_weights:
             load_dense_mlp(moe, mlp, upcycling.split)
         weight = next(layer.mlp.parameters())
-        layer.mlp = UpcycledMLP(moe.to(weight.device, weight.dtype), architecture.output_dropout(layer.mlp))
+        layer.mlp = UpcycledMLP(moe.to(weight.device, weight.dtype), architecture.output_dropout(layer.mlp),
+                                None if output_bias is None else output_bias.to(weight.device, weight.dtype))
     return model
 
 

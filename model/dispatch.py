@@ -19,7 +19,8 @@ Across ranks, :mod:`smoe.model.expert_parallel` runs these experts on the tokens
 Only torch is imported here: `smoe export` copies this module into the exported model.
 
 Every path runs both expert kinds of :class:`smoe.model.mlp.MLP`, plain and gated (fc1's 2H outputs
-[gate | up]), with or without biases.
+[gate | up]), with or without biases, fc1's and fc2's each its own (an upcycled GPT-2's experts have
+fc1's only).
 
 Shapes: T tokens, D model width, K top-k, N experts, A = T*K assignments, H hidden units of one expert
 (fc1 has F outputs: H, or 2H when gated).
@@ -136,13 +137,13 @@ def run_experts_grouped(experts, x_AD: torch.Tensor, counts: torch.Tensor) -> to
     first = experts[0]
     ends = counts.cumsum(0).to(torch.int32)
     expert_A = torch.repeat_interleave(torch.arange(len(experts), device=x_AD.device), counts,
-                                       output_size=x_AD.shape[0]) if first.has_bias else None
+                                       output_size=x_AD.shape[0]) if first.has_bias or first.has_output_bias else None
 
     def project(rows_AI, linears):
         """The rows through each expert's linear, one grouped GEMM, plus its bias where it has one."""
         out_AO = F.grouped_mm(rows_AI, torch.stack([linear.weight for linear in linears]).transpose(-2, -1),
                               offs=ends)
-        if expert_A is None:
+        if linears[0].bias is None:
             return out_AO
         return ExpertBias.apply(out_AO, torch.stack([linear.bias for linear in linears]), expert_A)
 
@@ -222,9 +223,9 @@ def _expert_forward(x_RD, w1_FD, b1_F, w2_DH, b2_D, gate_R1, keep_RH, scale, act
     return (y_RD if b2_D is None else y_RD + gate_R1 * b2_D), h_RF
 
 
-def _expert_backward(grad_y_RD, x_RD, w1_FD, w2_DH, b2_D, h_RF, gate_R1, keep_RH, scale, activation, gated):
+def _expert_backward(grad_y_RD, x_RD, w1_FD, b1_F, w2_DH, b2_D, h_RF, gate_R1, keep_RH, scale, activation, gated):
     """The gradients of :func:`_expert_forward` for x, W1, b1, W2, b2 and the gate, the hidden units
-    recomputed from h. An expert has both biases or neither: without b2, None for both."""
+    recomputed from h; None for a bias the expert does not have (b1 is read only for that)."""
     a_RH = activate(h_RF, activation, gated)  # dropout(a(h)), ungated
     if keep_RH is not None:
         a_RH.mul_(keep_RH).mul_(scale)
@@ -239,7 +240,7 @@ def _expert_backward(grad_y_RD, x_RD, w1_FD, w2_DH, b2_D, h_RF, gate_R1, keep_RH
     if keep_RH is not None:
         grad_z_RH.mul_(keep_RH).mul_(scale)
     grad_h_RF = _hidden_grad_(grad_z_RH.mul_(gate_R1), h_RF, activation, gated)
-    grad_b1_F = None if b2_D is None else grad_h_RF.sum(0)
+    grad_b1_F = None if b1_F is None else grad_h_RF.sum(0)
     return grad_h_RF @ w1_FD, grad_h_RF.T @ x_RD, grad_b1_F, grad_w2_DH, grad_b2_D, grad_gate_R1
 
 
@@ -262,14 +263,14 @@ class GatedExpert(torch.autograd.Function):
     def forward(ctx, x_TD, w1_FD, b1_F, w2_DH, b2_D, gate_T1, keep_TH, scale, activation, gated):
         ctx.scale, ctx.activation, ctx.gated = scale, activation, gated
         y_TD, h_TF = _expert_forward(x_TD, w1_FD, b1_F, w2_DH, b2_D, gate_T1, keep_TH, scale, activation, gated)
-        ctx.save_for_backward(x_TD, w1_FD, w2_DH, b2_D, h_TF, gate_T1, keep_TH)
+        ctx.save_for_backward(x_TD, w1_FD, b1_F, w2_DH, b2_D, h_TF, gate_T1, keep_TH)
         return y_TD
 
     @staticmethod
     def backward(ctx, grad_y_TD):
-        x_TD, w1_FD, w2_DH, b2_D, h_TF, gate_T1, keep_TH = ctx.saved_tensors
+        x_TD, w1_FD, b1_F, w2_DH, b2_D, h_TF, gate_T1, keep_TH = ctx.saved_tensors
         grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gate = _expert_backward(
-            grad_y_TD, x_TD, w1_FD, w2_DH, b2_D, h_TF, gate_T1, keep_TH, ctx.scale, ctx.activation, ctx.gated)
+            grad_y_TD, x_TD, w1_FD, b1_F, w2_DH, b2_D, h_TF, gate_T1, keep_TH, ctx.scale, ctx.activation, ctx.gated)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gate, None, None, None, None
 
 
@@ -307,9 +308,9 @@ class RoutedExperts(torch.autograd.Function):
         grad_tensors, grad_gates, start = [], [], 0
         for e, count in enumerate(ctx.counts):
             rows_R = token_A[start:start + count]
-            w1_FD, _, w2_DH, b2_D = tensors[4 * e:4 * e + 4]
+            w1_FD, b1_F, w2_DH, b2_D = tensors[4 * e:4 * e + 4]
             grad_x_RD, *grads, grad_gate_R1 = _expert_backward(
-                grad_y_TD[rows_R], x_TD[rows_R], w1_FD, w2_DH, b2_D, hidden[e], gate_A1[start:start + count],
+                grad_y_TD[rows_R], x_TD[rows_R], w1_FD, b1_F, w2_DH, b2_D, hidden[e], gate_A1[start:start + count],
                 dropouts[e], ctx.scale, ctx.activation, ctx.gated)
             grad_x_TD.index_add_(0, rows_R, grad_x_RD)
             grad_tensors += grads

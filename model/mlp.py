@@ -33,11 +33,13 @@ class MLP(nn.Module):
 
     ``dropout`` is a probability (plain dropout) or any module applied to the hidden
     units (the dense baselines pass Concrete Dropout or DropBlock). ``bias=False`` makes
-    fc1 and fc2 without bias parameters, as the decoder LMs have them.
+    fc1 and fc2 without bias parameters, as the decoder LMs have them; ``output_bias`` (None: as
+    ``bias``) is fc2's alone: False for the experts of an upcycled GPT-2, whose layer adds the dense
+    output bias once, after the mixture (:class:`smoe.model.decoder.UpcycledMLP`).
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float | nn.Module = 0.0,
-                 gated: bool = False, bias: bool = True):
+                 gated: bool = False, bias: bool = True, output_bias: bool | None = None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation '{activation}' is unknown: use one of {', '.join(ACTIVATIONS)}")
@@ -47,11 +49,17 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(d_model, 2 * d_ff if gated else d_ff, bias=bias)
         self.act = ACTIVATIONS[activation]
         self.dropout = dropout if isinstance(dropout, nn.Module) else nn.Dropout(dropout)
-        self.fc2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.fc2 = nn.Linear(d_ff, d_model, bias=bias if output_bias is None else output_bias)
 
     @property
     def has_bias(self) -> bool:
+        """fc1 has a bias."""
         return self.fc1.bias is not None
+
+    @property
+    def has_output_bias(self) -> bool:
+        """fc2 has a bias."""
+        return self.fc2.bias is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(activate(self.fc1(x), self.activation_name, self.gated)))
@@ -77,8 +85,8 @@ def modularize(dense: MLP, num_experts: int) -> list[MLP]:
     """Split a dense MLP into ``num_experts`` experts, each ``d_ff / N`` hidden units.
 
     Expert i takes rows ``i*h:(i+1)*h`` of fc1 (of its gate and of its up projection when
-    gated) and the same columns of fc2, and ``fc2.bias / N``, so the experts' outputs summed
-    with weight 1 are exactly the dense MLP's output (dropout aside).
+    gated) and the same columns of fc2, and ``fc2.bias / N`` where fc2 has one, so the experts'
+    outputs summed with weight 1 are exactly the dense MLP's output (dropout aside).
     """
     d_ff = dense.d_ff
     width = expert_width(d_ff, num_experts)
@@ -88,11 +96,13 @@ def modularize(dense: MLP, num_experts: int) -> list[MLP]:
         for i in range(num_experts):
             rows = slice(i * width, (i + 1) * width)
             fc1_rows = [rows, slice(d_ff + rows.start, d_ff + rows.stop)] if dense.gated else [rows]
-            expert = MLP(dense.fc1.in_features, width, dense.activation_name, p, dense.gated, dense.has_bias)
+            expert = MLP(dense.fc1.in_features, width, dense.activation_name, p, dense.gated, dense.has_bias,
+                         dense.has_output_bias)
             expert.fc1.weight.copy_(torch.cat([dense.fc1.weight[r] for r in fc1_rows]))
             expert.fc2.weight.copy_(dense.fc2.weight[:, rows])
             if dense.has_bias:
                 expert.fc1.bias.copy_(torch.cat([dense.fc1.bias[r] for r in fc1_rows]))
+            if dense.has_output_bias:
                 expert.fc2.bias.copy_(dense.fc2.bias / num_experts)
             experts.append(expert)
     return experts

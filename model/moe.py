@@ -59,8 +59,11 @@ class MoEConfig:
     combine_scale: float | None = None
     # The experts' kind (smoe.model.mlp.MLP): gated experts compute act(gate x) * up x, the MLPs of
     # Llama, Mistral and Qwen (SwiGLU with activation="silu"); the decoder LMs' MLPs have no biases.
+    # output_bias is fc2's alone (None: as bias): an upcycled GPT-2's experts have none, its layer
+    # adds the dense output bias once after the mixture (smoe.model.decoder.UpcycledMLP).
     gated: bool = False
     bias: bool = True
+    output_bias: bool | None = None
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -90,6 +93,12 @@ class MoEConfig:
                              f"or num_experts ({self.num_experts}, inverted dropout)")
         if self.router == "hash" and not self.vocab_size:
             raise ValueError("MoEConfig.vocab_size is needed by the hash router: set it to the vocabulary size")
+
+    @property
+    def has_output_bias(self) -> bool:
+        """Whether the experts' fc2 has a bias. ``output_bias`` None stays None (not resolved here), so
+        that ``replace(config, bias=False)`` drops both biases."""
+        return self.bias if self.output_bias is None else self.output_bias
 
 
 class ExpertDispatcher(MOELayer):
@@ -177,7 +186,7 @@ class SMoE(MoE):
         self.enable_expert_tensor_parallelism = False
 
         expert = MLP(config.d_model, config.d_ff // config.num_experts, config.activation, config.dropout,
-                     config.gated, config.bias)
+                     config.gated, config.bias, config.has_output_bias)
         router = build_router(config.router, config.router_options, d_model=config.d_model,
                               num_experts=config.num_experts, k=config.k, seed=config.seed,
                               vocab_size=config.vocab_size, rank=rank)

@@ -41,8 +41,9 @@ def test_grouped_is_a_cuda_candidate_only_where_grouped_mm_runs_one_kernel(monke
     assert "grouped" not in candidates(layer, torch.bfloat16, "cuda")
 
 def test_gated_and_bias_free_experts_of_the_same_width_are_timed_apart():
-    layers = [SMoE(CFG), SMoE(replace(CFG, gated=True)), SMoE(replace(CFG, gated=True, bias=False))]
-    assert len({autotune._key(layer, next(layer.parameters()), 64, 1) for layer in layers}) == 3
+    layers = [SMoE(CFG), SMoE(replace(CFG, gated=True)), SMoE(replace(CFG, gated=True, bias=False)),
+              SMoE(replace(CFG, output_bias=False))]
+    assert len({autotune._key(layer, next(layer.parameters()), 64, 1) for layer in layers}) == 4
 
 
 def test_timing_draws_nothing_from_the_run_and_the_layer_follows_the_choices():

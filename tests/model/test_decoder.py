@@ -3,14 +3,16 @@ k = N, slimmable below it, trainable, and the refusals. Tiny random-weight model
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config,
                           Qwen3Config)
 
-from smoe.model.bert import ROUTER_LOGIT_STD
-from smoe.model.decoder import UpcycledMLP, Upcycling, load_upcycled, save_upcycled, upcycle
-from smoe.model.moe import moe_layers_of, set_top_k, top_k_of
+from smoe.model.bert import ROUTER_LOGIT_STD, load_dense_mlp
+from smoe.model.decoder import ARCHITECTURES, UpcycledMLP, Upcycling, load_upcycled, save_upcycled, upcycle
+from smoe.model.moe import SMoE, moe_layers_of, set_top_k, top_k_of
 from smoe.routing import build_router
 
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS = 101, 32, 64, 3
@@ -27,8 +29,15 @@ CONFIGS = {
 
 
 def dense_model(architecture: str) -> torch.nn.Module:
+    """A tiny random model, its biases random too (transformers zeroes them): a bias lost or counted
+    twice by the upcycling shows."""
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(CONFIGS[architecture]()).eval()
+    model = AutoModelForCausalLM.from_config(CONFIGS[architecture]()).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(std=0.1)
+    return model
 
 
 def token_ids(seed: int = 0) -> torch.Tensor:
@@ -70,16 +79,44 @@ def test_selected_layers_only_and_the_dense_model_untouched():
 @pytest.mark.parametrize("method", ["smoe-dropout", "smoe-learned"])
 def test_parameter_count_is_dense_plus_routers(architecture, method):
     """The random-frozen router is fp32 buffers (N x (d + 1): weight and zero bias), outside the
-    parameters; the learned router's N x d weight is a parameter. GPT-2's output bias is one per
-    expert (each 1/N of the dense one's, times N / combine_scale): N - 1 more of d each."""
+    parameters; the learned router's N x d weight is a parameter. GPT-2's output bias stays one per
+    layer (UpcycledMLP's), its experts have none."""
     dense = dense_model(architecture)
     model = upcycle(dense, num_experts=4, method=method)
     parameters = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     buffers = lambda m: sum(b.numel() for b in m.buffers())  # noqa: E731
     frozen = method == "smoe-dropout"
-    expert_biases = LAYERS * 3 * HIDDEN if architecture == "gpt2" else 0
-    assert parameters(model) == parameters(dense) + expert_biases + (0 if frozen else LAYERS * 4 * HIDDEN)
+    assert parameters(model) == parameters(dense) + (0 if frozen else LAYERS * 4 * HIDDEN)
     assert buffers(model) == buffers(dense) + (LAYERS * 4 * (HIDDEN + 1) if frozen else 0)
+
+
+def test_gpt2s_output_bias_is_the_layers_once_its_experts_have_fc1s_only_and_it_is_saved(tmp_path):
+    dense = dense_model("gpt2")
+    model = upcycle(dense, num_experts=4, top_k=2).eval()
+    for dense_layer, layer in zip(dense.transformer.h, model.transformer.h):
+        assert torch.equal(layer.mlp.output_bias, dense_layer.mlp.c_proj.bias)
+        assert all(e.has_bias and not e.has_output_bias for e in layer.mlp.moe.local_experts)
+    assert all(layer.mlp.output_bias is None for layer in upcycle(dense_model("llama"), num_experts=4).model.layers)
+    save_upcycled(model, Upcycling(4, top_k=2), tmp_path)
+    loaded = load_upcycled(tmp_path)
+    for layer, saved in zip(loaded.transformer.h, model.transformer.h):
+        assert torch.equal(layer.mlp.output_bias, saved.mlp.output_bias)
+
+
+@pytest.mark.parametrize("combine_scale", [None, 1.0])
+def test_one_output_bias_after_the_mixture_is_the_per_expert_output_biases_at_every_k(combine_scale):
+    """The router's weights sum to 1 over the chosen experts and the layer multiplies them by
+    combine_scale: experts each with b / combine_scale (how GPT-2 was upcycled before) add b at every k."""
+    dense = dense_model("gpt2")
+    upcycled = upcycle(dense, num_experts=4, combine_scale=combine_scale).eval().transformer.h[1].mlp
+    per_expert = SMoE(replace(upcycled.moe.config, output_bias=True))  # the same seed: router and neuron order
+    load_dense_mlp(per_expert, ARCHITECTURES["gpt2"].read_mlp(dense.transformer.h[1].mlp, "gelu_tanh"), "random")
+    x = torch.randn(2, 12, HIDDEN, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for k in range(1, 5):
+            upcycled.moe.set_top_k(k)
+            per_expert.set_top_k(k)
+            torch.testing.assert_close(upcycled(x), per_expert(x)[0], rtol=1e-5, atol=1e-6, msg=f"k={k}")
 
 
 def test_the_flattened_router_keeps_the_seeded_choice_with_uniform_weights():

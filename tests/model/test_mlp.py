@@ -50,3 +50,17 @@ def test_modularize_splits_a_gated_mlp_exactly(activation, bias):
 def test_an_unknown_activation_is_a_clear_error():
     with pytest.raises(ValueError, match="activation 'gelu_new' is unknown: use one of relu, gelu, gelu_tanh, silu"):
         MLP(16, 32, "gelu_new")
+
+
+def test_an_mlp_without_output_bias_keeps_fc1s_and_modularize_cuts_it_into_experts_like_it():
+    """An upcycled GPT-2's expert kind: its experts hold exactly the dense parameters, fc1's bias rows
+    included, and sum to the dense MLP without its output bias."""
+    torch.manual_seed(0)
+    dense = MLP(16, 128, "gelu_tanh", output_bias=False)
+    assert [name for name, _ in dense.named_parameters()] == ["fc1.weight", "fc1.bias", "fc2.weight"]
+    torch.nn.init.normal_(dense.fc1.bias)
+    experts = modularize(dense, 16)
+    assert all(e.has_bias and not e.has_output_bias for e in experts)
+    assert sum(p.numel() for e in experts for p in e.parameters()) == sum(p.numel() for p in dense.parameters())
+    x = torch.randn(20, 16)
+    torch.testing.assert_close(sum(e(x) for e in experts), dense(x), rtol=1e-5, atol=1e-6)

@@ -11,9 +11,11 @@ from smoe.model.mlp import ACTIVATIONS, activate
 from smoe.routing import ROUTERS
 
 CFG = MoEConfig(d_model=16, d_ff=128, num_experts=16, k=1, dropout=0.0, vocab_size=40, seed=5)
-# The expert kinds besides the default (relu or gelu, biased): Llama's SwiGLU, GPT-2's MLP, a biased GLU.
+# The expert kinds besides the default (relu or gelu, biased): Llama's SwiGLU, GPT-2's MLP, a biased GLU,
+# and an upcycled GPT-2's experts (fc1's bias only: the layer holds the one output bias).
 KINDS = {"swiglu": dict(activation="silu", gated=True, bias=False), "gpt2": dict(activation="gelu_tanh"),
-         "biased-glu": dict(activation="gelu_tanh", gated=True)}
+         "biased-glu": dict(activation="gelu_tanh", gated=True),
+         "gpt2-upcycled": dict(activation="gelu_tanh", output_bias=False)}
 
 
 def batch(seed=0, shape=(3, 11)):
@@ -396,7 +398,7 @@ def test_masked_dense_gradients_match_autograd_with_dropout(kind):
         a = activate(expert.fc1(x_TD), expert.activation_name, expert.gated)
         keep = torch.rand_like(a) >= 0.3
         y = y + expert.fc2(a * keep / 0.7 * gate[:, e:e + 1])
-        if expert.has_bias:
+        if expert.has_output_bias:
             y = y - (1 - gate[:, e:e + 1]) * expert.fc2.bias
     y.square().sum().backward()
     torch.testing.assert_close(y_fast, y.detach().view_as(y_fast))

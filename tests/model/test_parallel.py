@@ -83,6 +83,11 @@ def test_ep2_gives_the_outputs_and_gradients_of_ep1_for_gated_bias_free_experts(
     spawn(_compare_ep2_with_ep1, 2, "learned", 16.0, TOKENS, dict(activation="silu", gated=True, bias=False))
 
 
+def test_ep2_gives_the_outputs_and_gradients_of_ep1_for_experts_without_an_output_bias():
+    """An upcycled GPT-2's experts: fc1's bias, none on fc2."""
+    spawn(_compare_ep2_with_ep1, 2, "random-frozen", 4.0, TOKENS, dict(activation="gelu_tanh", output_bias=False))
+
+
 def test_ep2_honours_the_combine_scale():
     spawn(_compare_ep2_with_ep1, 2, "random-frozen", 16.0)
 
