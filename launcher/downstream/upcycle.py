@@ -239,8 +239,8 @@ def copy_extras(source: str, directory: Path) -> list[str]:
 
 
 def parameter_counts(dense: nn.Module, model: nn.Module) -> dict[str, int]:
-    """Dense and upcycled parameters; the difference is the routers' parameters plus, for biased MLPs,
-    N - 1 more output biases per layer (each expert keeps its own)."""
+    """Dense and upcycled parameters; the difference is the routers' parameters plus, for BERT/RoBERTa's
+    biased MLPs, N - 1 more output biases per layer (each expert keeps its own; a decoder's is the layer's)."""
     from smoe.model.moe import moe_layers_of
 
     def parameters(module):
