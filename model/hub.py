@@ -18,9 +18,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import (BertConfig, BertForMaskedLM, BertForMultipleChoice, BertForSequenceClassification,
-                          PretrainedConfig, PreTrainedModel, RobertaConfig, RobertaForMaskedLM,
-                          RobertaForMultipleChoice, RobertaForSequenceClassification)
+from transformers import (CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, BertConfig, BertForMaskedLM,
+                          BertForMultipleChoice, BertForSequenceClassification, PretrainedConfig, PreTrainedModel,
+                          RobertaConfig, RobertaForMaskedLM, RobertaForMultipleChoice,
+                          RobertaForSequenceClassification)
 from transformers.utils import ModelOutput
 
 from smoe.model.encoder import install_blocks, with_blocks
@@ -50,9 +51,20 @@ def check_top_k(config, k: int) -> None:
                          f"({config.num_experts})")
 
 
+def expert_mixture(config, d_model: int, width: int, activation: str, gated: bool = False, bias: bool = True,
+                   output_bias: bool | None = None) -> ExpertMixture:
+    """An :class:`ExpertMixture` of ``num_experts`` experts of ``width`` hidden units at k =
+    ``num_experts_per_tok``, behind the config's router. Weights are placeholders until the saved ones are loaded."""
+    n = config.num_experts
+    router = build_router(config.router, RouterOptions(**(config.router_options or {})), d_model=d_model,
+                          num_experts=n, k=config.num_experts_per_tok, seed=0, vocab_size=config.vocab_size)
+    experts = [MLP(d_model, width, activation, gated=gated, bias=bias, output_bias=output_bias) for _ in range(n)]
+    return ExpertMixture(router, experts, config.combine_scale)
+
+
 def block_factory(config, d_model: int, d_ff: int, activation: str, n_layer: int) -> Callable[[int], nn.Module]:
-    """``make_ffn(layer)``: an :class:`ExpertMixture` at k = ``num_experts_per_tok`` in the expert
-    layers, a dense MLP elsewhere. Weights are placeholders until the saved ones are loaded."""
+    """``make_ffn(layer)``: an :func:`expert_mixture` cut from a ``d_ff``-wide MLP in the expert
+    layers, a dense MLP elsewhere."""
     experts = set(range(n_layer) if config.expert_layers is None else config.expert_layers)
     if experts:
         check_top_k(config, config.num_experts_per_tok)
@@ -60,10 +72,7 @@ def block_factory(config, d_model: int, d_ff: int, activation: str, n_layer: int
     def make_ffn(layer: int) -> nn.Module:
         if layer not in experts:
             return PlainFeedForward(MLP(d_model, d_ff, activation))
-        n = config.num_experts
-        router = build_router(config.router, RouterOptions(**(config.router_options or {})), d_model=d_model,
-                              num_experts=n, k=config.num_experts_per_tok, seed=0, vocab_size=config.vocab_size)
-        return ExpertMixture(router, [MLP(d_model, d_ff // n, activation) for _ in range(n)], config.combine_scale)
+        return expert_mixture(config, d_model, d_ff // config.num_experts, activation)
 
     return make_ffn
 
@@ -172,3 +181,79 @@ SMoEBertForMultipleChoice = _slimmable(BertForMultipleChoice, SMoEBertConfig)
 SMoERobertaForMaskedLM = _slimmable(RobertaForMaskedLM, SMoERobertaConfig)
 SMoERobertaForSequenceClassification = _slimmable(RobertaForSequenceClassification, SMoERobertaConfig)
 SMoERobertaForMultipleChoice = _slimmable(RobertaForMultipleChoice, SMoERobertaConfig)
+
+
+# --- Upcycled decoder LMs -------------------------------------------------------------------------
+
+class UpcycledDecoderFields(SlimmableFields):
+    """What an upcycled decoder LM's experts are: the dense config names its MLP in its own way."""
+
+    moe_intermediate_size: int = 0  # hidden units of one expert (Qwen3-MoE's name): the dense MLP's / num_experts
+    expert_activation: str = "silu"  # of smoe.model.mlp.ACTIVATIONS
+    gated_experts: bool = True  # act(gate x) * up x (Llama, Mistral, Qwen) rather than act(fc1 x) (GPT-2)
+    expert_bias: bool = False  # each expert's fc1 has its rows of the dense bias (GPT-2's c_fc)
+    output_bias: bool = False  # the layer adds the dense output bias once, after the mixture (GPT-2's c_proj)
+
+
+class MixtureMLP(nn.Module):
+    """A decoder layer's ``mlp``: the :class:`ExpertMixture` over its (batch, seq, d) hidden states,
+    then what the dense MLP applied after its output projection and the experts do not split: its
+    output bias, once, and its output dropout (GPT-2's ``resid_pdrop``)."""
+
+    def __init__(self, moe: ExpertMixture, d_model: int, output_bias: bool, dropout: nn.Module):
+        super().__init__()
+        self.moe = moe
+        self.output_bias = nn.Parameter(torch.zeros(d_model)) if output_bias else None
+        self.dropout = dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        y, _, _ = self.moe(hidden_states)
+        if self.output_bias is not None:
+            y = y + self.output_bias
+        return self.dropout(y)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers causal LM: its base model's one ModuleList (Llama's
+    ``layers``, GPT-2's ``h``)."""
+    return next(child for child in model.base_model.children() if isinstance(child, nn.ModuleList))
+
+
+def install_mixture_mlps(model: nn.Module) -> None:
+    """The ``mlp`` of each layer in ``expert_layers`` as a :class:`MixtureMLP`; the others keep the dense one."""
+    config = model.config
+    layers = decoder_layers(model)
+    check_top_k(config, config.num_experts_per_tok)
+    for index in range(len(layers)) if config.expert_layers is None else config.expert_layers:
+        layer = layers[index]
+        moe = expert_mixture(config, config.hidden_size, config.moe_intermediate_size, config.expert_activation,
+                             config.gated_experts, config.expert_bias, output_bias=False)
+        layer.mlp = MixtureMLP(moe, config.hidden_size, config.output_bias,
+                               getattr(layer.mlp, "dropout", nn.Identity()))
+
+
+def slimmable_decoder(model_type: str) -> tuple[type, type]:
+    """The exported config and causal-LM classes over transformers' own for ``model_type`` (found
+    through ``CONFIG_MAPPING`` and ``MODEL_FOR_CAUSAL_LM_MAPPING``): the config *is* the dense one
+    (every field, default and alias) plus the experts', and the model is transformers' class with
+    its expert layers' ``mlp`` replaced, so loading, caching and ``generate()`` are transformers'."""
+    base_config = CONFIG_MAPPING[model_type]
+    config_class = type(f"SMoE{base_config.__name__}", (UpcycledDecoderFields, base_config),
+                        {"model_type": f"smoe-dropout-{model_type}", "base_model_type": model_type,
+                         "__module__": __name__})
+    base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+    return config_class, with_blocks(base_model, config_class, install_mixture_mlps, __name__,
+                                     mixins=(SelfSlimming,))
+
+
+# Each name is its class's own (auto_map finds it by name in this module).
+SMoELlamaConfig, SMoELlamaForCausalLM = slimmable_decoder("llama")
+SMoEMistralConfig, SMoEMistralForCausalLM = slimmable_decoder("mistral")
+SMoEQwen2Config, SMoEQwen2ForCausalLM = slimmable_decoder("qwen2")
+SMoEQwen3Config, SMoEQwen3ForCausalLM = slimmable_decoder("qwen3")
+SMoEGPT2Config, SMoEGPT2LMHeadModel = slimmable_decoder("gpt2")
+# The dense model_type -> its exported (config, causal LM) classes.
+DECODERS = {config.base_model_type: (config, model) for config, model in (
+    (SMoELlamaConfig, SMoELlamaForCausalLM), (SMoEMistralConfig, SMoEMistralForCausalLM),
+    (SMoEQwen2Config, SMoEQwen2ForCausalLM), (SMoEQwen3Config, SMoEQwen3ForCausalLM),
+    (SMoEGPT2Config, SMoEGPT2LMHeadModel))}

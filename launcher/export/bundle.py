@@ -10,6 +10,7 @@ and two modules defining one name, so the file is importable on its own.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -80,3 +81,13 @@ def bundle() -> str:
         defined |= names
         parts.append(f"\n# {'-' * 30} {module} {'-' * 30}\n\n" + "\n".join(lines).strip("\n") + "\n")
     return "\n".join(parts)
+
+
+def import_modeling(path: Path):
+    """The bundled modelling file at ``path`` as a module, to build the exported classes in this process."""
+    name = f"smoe_export_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -42,7 +42,7 @@ def _loading(source: Source, config, name: str) -> str:
                   "out = model(input_ids=segment, mems=out.mems)  # the next segment, after the first"]
     else:
         lines = [f"from transformers import AutoTokenizer, {source.auto_class}", "",
-                 f'tokenizer = AutoTokenizer.from_pretrained("{name}")', *lines[2:], "",
+                 f'tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)', *lines[2:], "",
                  'inputs = tokenizer("the quick brown fox", return_tensors="pt")', "logits = model(**inputs).logits"]
     return "```python\n" + "\n".join(lines) + "\n```\n"
 

@@ -13,14 +13,14 @@ measured speed by k. Load it with
 BERT/RoBERTa). Before OUT appears, the export is loaded back that way and its outputs are
 compared with smoe's at every k (fp32, 1e-5); OUT is written under a temporary name and
 renamed at the end, so a failed export leaves nothing behind. An upcycled directory (`smoe upcycle`)
-is exported as transformers' own MoE class instead (:mod:`smoe.launcher.export.native`).
+or a causal-LM run is exported by :func:`smoe.launcher.export.native.export_decoder` instead: as
+transformers' own MoE class where one holds the model, else as its own dense class with smoe's experts
+(remote code, :mod:`smoe.launcher.export.remote_decoder`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ import torch
 from smoe.launcher.bench.infer import SLIMMING_FILE, default_ks, device_name, load_exported, max_tokens, measure
 from smoe.launcher.config import parse_ks
 from smoe.launcher.evaluation.metrics import active_parameters, flops_per_token, sparse_flops
-from smoe.launcher.export.bundle import MODELING_FILE, MODELING_MODULE, bundle
+from smoe.launcher.export.bundle import MODELING_FILE, MODELING_MODULE, bundle, import_modeling
 from smoe.launcher.export.card import model_card
 from smoe.launcher.export.convert import CONFIG_CLASSES, Source, exported_config, exported_state, read_source
 from smoe.launcher.export.verify import CHECK_LENGTH, check_at_every_k, padded_ids, refuse_existing, staged
@@ -41,7 +41,7 @@ from smoe.model.moe import moe_layers_of, set_top_k
 def add_arguments(parser) -> None:
     parser.add_argument("source", help="a `smoe train` run, a `smoe slim` / `smoe finetune` model directory, a "
                                        "consolidated .safetensors file, or a `smoe upcycle` directory (exported as "
-                                       "transformers' own MoE class)")
+                                       "transformers' own MoE class where one holds it, else with remote code)")
     parser.add_argument("out", help="the directory to write (new, or empty)")
     parser.add_argument("--k", type=int, help="num_experts_per_tok the directory loads at (default: the model's)")
     parser.add_argument("--ks", help="the ks of the card's speed table (default: 1, 2, 4, ... up to N)")
@@ -49,16 +49,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--length", type=int, default=128, help="tokens per row of the speed table (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per setting (default 3)")
     parser.add_argument("--eval-json", help="a `smoe eval --json` report of this model, for the card's quality column")
-
-
-def import_modeling(path: Path):
-    """The bundled modelling file as a module, to build the exported classes in this process."""
-    name = f"smoe_export_{abs(hash(str(path)))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_export(source: Source, directory: Path, k: int | None) -> None:
@@ -204,7 +194,7 @@ def run(args) -> None:
 
     out = Path(args.out)
     refuse_existing(out)
-    if is_upcycled(Path(args.source)):  # a native MoE class: no speed table, no quality
+    if is_upcycled(Path(args.source)):  # a decoder LM (export_decoder): no speed table, no quality
         export_upcycled(Path(args.source), out, args.k)
         return
     for name in ("batch", "length", "repeats"):

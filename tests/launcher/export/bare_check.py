@@ -1,9 +1,9 @@
 """Run by the bare environment's python (torch, transformers and safetensors only): load each
 exported directory as a deployment would and compare its logits at every k with what smoe gave.
 
-argv: a JSON file of cases {"dir", "auto_class", "expected", "segments"} (remote code) or {"dir", "native",
-"expected", "text"} (transformers' own MoE class, loaded once per k; text to tokenize, if any); prints one
-JSON line of results."""
+argv: a JSON file of cases {"dir", "auto_class", "expected", "segments"} (remote code; the greedy tokens too
+where the expected holds a prompt) or {"dir", "native", "expected", "text"} (transformers' own MoE class,
+loaded once per k; text to tokenize, if any); prints one JSON line of results."""
 
 import importlib.util
 import json
@@ -30,12 +30,15 @@ def check(case: dict) -> dict:
     auto_class = getattr(transformers, case["auto_class"])
     first = min(by_k)
     model = auto_class.from_pretrained(case["dir"], trust_remote_code=True, num_experts_per_tok=first).eval()
-    result = {"loaded_k": model.config.num_experts_per_tok, "class": type(model).__name__, "differences": {}}
+    result = {"loaded_k": model.config.num_experts_per_tok, "class": type(model).__name__, "differences": {},
+              "router_ks": sorted({m.top_k for m in model.modules() if m is not model and hasattr(m, "set_top_k")})}
     with torch.no_grad():
         for k, want in sorted(by_k.items()):
             model.set_top_k(k)
             got = logits(model, inputs, case["segments"])
             result["differences"][k] = difference(got, want)
+            if "prompt" in expected:  # a decoder LM: its greedy tokens too
+                result.setdefault("generated", {})[k] = generated(model, expected)
     try:
         model.set_top_k(model.config.num_experts + 1)
     except ValueError as error:
@@ -43,6 +46,13 @@ def check(case: dict) -> dict:
     bf16 = auto_class.from_pretrained(case["dir"], trust_remote_code=True, dtype=torch.bfloat16)
     result["bf16_buffers"] = sorted({str(b.dtype) for name, b in bf16.named_buffers() if name.endswith("proj.weight")})
     return result
+
+
+def generated(model, expected: dict) -> list[int]:
+    """The greedy continuation of the expected prompt."""
+    prompt = expected["prompt"]
+    tokens = model.generate(prompt, max_new_tokens=expected["new_tokens"], do_sample=False, pad_token_id=0)
+    return tokens[0, prompt.shape[1]:].tolist()
 
 
 def difference(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -63,11 +73,15 @@ def check_native(case: dict) -> dict:
         result["loaded_k"][k] = sorted({m.top_k for m in model.modules() if hasattr(m, "top_k")})
         with torch.no_grad():
             result["differences"][k] = difference(model(**expected["inputs"]).logits, want)
-            tokens = model.generate(expected["prompt"], max_new_tokens=expected["new_tokens"], do_sample=False,
-                                    pad_token_id=0)
-        result["generated"][k] = tokens[0, expected["prompt"].shape[1]:].tolist()
-    if case.get("text"):  # the tokenizer went with it
-        result["tokenized"] = transformers.AutoTokenizer.from_pretrained(case["dir"])(case["text"])["input_ids"]
+            result["generated"][k] = generated(model, expected)
+    return result
+
+
+def check_case(case: dict) -> dict:
+    result = check_native(case) if case.get("native") else check(case)
+    if case.get("text"):  # the tokenizer went with it (the config it reads is remote code, unless native)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(case["dir"], trust_remote_code=not case.get("native"))
+        result["tokenized"] = tokenizer(case["text"])["input_ids"]
     return result
 
 
@@ -75,8 +89,7 @@ def main() -> None:
     cases = json.loads(open(sys.argv[1]).read())
     importable = {name: importlib.util.find_spec(name) is not None for name in ("smoe", "deepspeed", "datasets")}
     print(json.dumps({"importable": importable, "transformers": transformers.__version__,
-                      "cases": {name: check_native(case) if case.get("native") else check(case)
-                                for name, case in cases.items()}}))
+                      "cases": {name: check_case(case) for name, case in cases.items()}}))
 
 
 if __name__ == "__main__":

@@ -1,38 +1,22 @@
 """`smoe export` of upcycled decoder LMs as transformers' own MoE classes (Llama and Mistral ->
 Mixtral, Qwen3 -> Qwen3-MoE): loaded in the bare environment at every k with smoe's logits and
-greedy tokens, under the published checkpoints' tensor names; and what it refuses."""
+greedy tokens, under the published checkpoints' tensor names; and what `native_export` refuses (the
+remote-code export takes it: test_remote_decoder.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from decoders import EXPERTS, HIDDEN, INTERMEDIATE, TEXT, TOLERANCE, bare_results, expected, save_tokenizer, upcycled
 from safetensors import safe_open
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, MistralConfig,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 from smoe.launcher.cli import main
 from smoe.launcher.export.native import native_export
-from smoe.launcher.export.verify import padded_ids
-from smoe.model.decoder import Upcycling, save_upcycled, upcycle
-from smoe.model.moe import set_top_k
+from smoe.model.decoder import Upcycling, save_upcycled
 
-HERE = Path(__file__).parent
-VOCAB, HIDDEN, INTERMEDIATE, LAYERS, EXPERTS = 101, 32, 64, 3, 4
-GATED = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-CONFIGS = {
-    "llama": lambda **extra: LlamaConfig(**GATED, **extra),
-    "mistral": lambda **extra: MistralConfig(**GATED, **extra),
-    "qwen2": lambda **extra: Qwen2Config(**GATED, **extra),
-    "qwen3": lambda **extra: Qwen3Config(**GATED, head_dim=8, **extra),
-    "gpt2": lambda **extra: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS,
-                                       n_head=4, n_positions=64, **extra),
-}
 # name -> (architecture, upcycle's keywords, config extras, through `smoe export UPCYCLED_DIR` with a tokenizer)
 CASES = {
     "llama": ("llama", {}, {}, True),
@@ -42,37 +26,6 @@ CASES = {
     "qwen3-every-2": ("qwen3", {"moe_layers": "every-2", "combine_scale": 1.0}, {"tie_word_embeddings": True}, False),
 }
 NATIVE = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
-TEXT = "w5 w7 w9"
-TOLERANCE = 1e-5
-
-
-def upcycled(architecture: str, upcycling: dict | None = None, **extra) -> torch.nn.Module:
-    torch.manual_seed(0)
-    dense = AutoModelForCausalLM.from_config(CONFIGS[architecture](**extra))
-    return upcycle(dense, num_experts=EXPERTS, **(upcycling or {})).eval()
-
-
-def save_tokenizer(directory: Path) -> None:
-    """A word-level tokenizer of the model's vocabulary ("w0" ... "w100") and a generation config."""
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", bos_token="w1",
-                            eos_token="w2").save_pretrained(directory)
-    GenerationConfig(bos_token_id=1, eos_token_id=2, max_new_tokens=7).save_pretrained(directory)
-
-
-@torch.no_grad()
-def expected(model) -> dict:
-    """smoe's logits at every k, and its greedy continuation of a prompt."""
-    inputs = padded_ids(VOCAB, (2, 16))
-    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
-    logits, generated = {}, {}
-    for k in range(1, EXPERTS + 1):
-        set_top_k(model, k)
-        logits[k] = model(**inputs).logits
-        generated[k] = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, 6:].tolist()
-    return {"inputs": inputs, "logits": logits, "prompt": prompt, "new_tokens": 5, "generated": generated}
 
 
 @pytest.fixture(scope="session")
@@ -99,12 +52,7 @@ def native_exports(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def native_results(native_exports, bare_python) -> dict:
-    result = subprocess.run([str(bare_python), "-I", str(HERE / "bare_check.py"), str(native_exports / "cases.json")],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-5000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["importable"] == {"smoe": False, "deepspeed": False, "datasets": False}
-    return report["cases"]
+    return bare_results(bare_python, native_exports / "cases.json")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -157,24 +105,15 @@ def test_the_tokenizer_generation_config_and_card_go_with_it(native_exports, nat
     assert flops == sorted(flops) and flops[0] < flops[-1]  # the cost follows k
 
 
-@pytest.mark.parametrize("architecture", ["gpt2", "qwen2"])
-def test_architectures_without_a_native_class_are_refused(architecture, tmp_path, capsys):
-    source = tmp_path / "upcycled"
-    save_upcycled(upcycled(architecture), Upcycling(EXPERTS), source)
-    assert main(["export", str(source), str(tmp_path / "out")]) == 2
-    error = capsys.readouterr().err
-    assert f"a '{architecture}' model has no native transformers MoE class" in error
-    assert "remote-code export of upcycled decoder LMs is not built yet" in error
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["upcycled"]  # nothing written
-
-
 def test_what_the_native_class_cannot_hold_is_refused(tmp_path):
     with pytest.raises(ValueError, match="attention_bias=True, which MixtralForCausalLM cannot hold: the native "
                                          "export cannot represent"):
         native_export(upcycled("llama", attention_bias=True), tmp_path / "bias")
-    with pytest.raises(ValueError, match=r"layers \[0, 2\] of the model are dense and MixtralForCausalLM cannot "
-                                         "hold it"):
+    with pytest.raises(ValueError, match=r"layers \[0, 2\] of the model are dense, which MixtralForCausalLM cannot "
+                                         "hold"):
         native_export(upcycled("mistral", {"moe_layers": "every-2"}), tmp_path / "dense")
+    with pytest.raises(ValueError, match="a 'gpt2' model has no native transformers MoE class"):
+        native_export(upcycled("gpt2"), tmp_path / "gpt2")
     with pytest.raises(ValueError, match="num_experts_per_tok=5 must be between 1 and the model's num_experts"):
         native_export(upcycled("qwen3"), tmp_path / "k", top_k=5)
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,73 @@
+"""What the decoder-LM export tests share: tiny random-weight dense models of every architecture
+upcycle takes, a tokenizer of their vocabulary, what smoe gives at every k, and the run in the bare
+environment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, MistralConfig,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+
+from smoe.launcher.export.verify import padded_ids
+from smoe.model.decoder import upcycle
+from smoe.model.moe import set_top_k
+
+HERE = Path(__file__).parent
+VOCAB, HIDDEN, INTERMEDIATE, LAYERS, EXPERTS = 101, 32, 64, 3, 4
+GATED = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+CONFIGS = {
+    "llama": lambda **extra: LlamaConfig(**GATED, **extra),
+    "mistral": lambda **extra: MistralConfig(**GATED, **extra),
+    "qwen2": lambda **extra: Qwen2Config(**GATED, **extra),
+    "qwen3": lambda **extra: Qwen3Config(**GATED, head_dim=8, **extra),
+    "gpt2": lambda **extra: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS,
+                                       n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2, **extra),
+}
+TEXT = "w5 w7 w9"
+TOLERANCE = 1e-5
+
+
+def upcycled(architecture: str, upcycling: dict | None = None, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(CONFIGS[architecture](**extra))
+    return upcycle(dense, num_experts=EXPERTS, **(upcycling or {})).eval()
+
+
+def save_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer of the model's vocabulary ("w0" ... "w100") and a generation config."""
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", bos_token="w1",
+                            eos_token="w2").save_pretrained(directory)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, max_new_tokens=7).save_pretrained(directory)
+
+
+@torch.no_grad()
+def expected(model) -> dict:
+    """smoe's logits at every k, and its greedy continuation of a prompt."""
+    inputs = padded_ids(VOCAB, (2, 16))
+    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    logits, generated = {}, {}
+    for k in range(1, EXPERTS + 1):
+        set_top_k(model, k)
+        logits[k] = model(**inputs).logits
+        generated[k] = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, 6:].tolist()
+    return {"inputs": inputs, "logits": logits, "prompt": prompt, "new_tokens": 5, "generated": generated}
+
+
+def bare_results(bare_python: Path, cases: Path) -> dict:
+    """bare_check.py's report on the cases of the JSON file ``cases``, checked to have run without smoe,
+    DeepSpeed and datasets."""
+    result = subprocess.run([str(bare_python), "-I", str(HERE / "bare_check.py"), str(cases)], capture_output=True,
+                            stdin=subprocess.DEVNULL, text=True, timeout=900)  # never waits on a prompt
+    assert result.returncode == 0, result.stderr[-5000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["importable"] == {"smoe": False, "deepspeed": False, "datasets": False}
+    return report["cases"]
