@@ -91,8 +91,11 @@ def top_k_softmax(probs_TN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     the softmax over the k largest logits, computed as Mixtral and Qwen3-MoE compute it, so that a
     native transformers export picks the very same experts. The order matters where logits nearly
     tie: exp rounds near 1 in steps of ~6e-8, so logits closer than that (an upcycled router's are
-    ~1e-6 apart) tie among the probabilities, and both pick among the tied alike."""
+    ~1e-6 apart) tie among the probabilities, and both pick among the tied alike. At k = 1 the
+    weight is 1 exactly, with no gradient: p / p would pass back rounding noise instead of 0."""
     top_TK, expert_ids_TK = probs_TN.topk(k, dim=-1)
+    if k == 1:
+        return expert_ids_TK, torch.ones_like(top_TK)
     return expert_ids_TK, top_TK / top_TK.sum(dim=-1, keepdim=True)
 
 
