@@ -99,7 +99,8 @@ def test_the_mlp_share_is_timed_on_the_models_own_mlp(llama_dirs):
     (["--init", "{dense}", "--dense-init", "{dense}"], "is a dense model: pass it as --dense-init"),
     (["--init", "{upcycled}", "--dense-init", "{upcycled}"], "is an upcycled model: pass the dense model"),
     (["--init", "{upcycled}", "--dense-init", "{wider}"], "has d_ff 128 but --init"),
-    (["--init", "{upcycled}", "--dense-init", "{dense}", "--ks", "2,8"], "k_max (8) is larger than the number of experts (4)"),
+    (["--init", "{upcycled}", "--dense-init", "{dense}", "--ks", "2,8"],
+     "k_max (8) is larger than the number of experts (4)"),
 ])
 def test_what_cannot_be_compared_is_refused_before_anything_runs(books, llama_dirs, tmp_path, args, message):
     from transformers import LlamaConfig
