@@ -19,6 +19,7 @@ What is DeepSpeed's and what is ours:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -260,12 +261,24 @@ def moe_layers_of(model: nn.Module) -> list[SMoE]:
 
 
 def top_k_of(model: nn.Module) -> int | None:
-    """The k the model's MoE layers run at now; None for a dense model."""
+    """The k the model's MoE layers run at now (the first one's, where a slice gives them different
+    ones: :func:`top_ks_of`); None for a dense model."""
     layers = moe_layers_of(model)
     return layers[0].top_k if layers else None
 
 
-def set_top_k(model: nn.Module, k: int) -> None:
-    """Every MoE layer of the model to top-k ``k`` (self-slimming at inference, the schedule in training)."""
-    for layer in moe_layers_of(model):
-        layer.set_top_k(k)
+def top_ks_of(model: nn.Module) -> list[int]:
+    """The k of each MoE layer, in module order."""
+    return [layer.top_k for layer in moe_layers_of(model)]
+
+
+def set_top_k(model: nn.Module, k: int | Sequence[int]) -> None:
+    """Every MoE layer of the model to top-k ``k`` (self-slimming at inference, the schedule in training),
+    or MoE layer i to ``k[i]``: a per-layer slice, any mix of ks from 1 to N."""
+    layers = moe_layers_of(model)
+    ks = [k] * len(layers) if isinstance(k, int) else [int(layer_k) for layer_k in k]
+    if len(ks) != len(layers):
+        raise ValueError(f"{len(ks)} per-layer ks for a model with {len(layers)} MoE layers: give one k, or one "
+                         f"per MoE layer ({len(layers)})")
+    for layer, layer_k in zip(layers, ks):
+        layer.set_top_k(layer_k)

@@ -193,3 +193,24 @@ def test_a_bad_upcycled_directory_is_refused_by_name(tmp_path):
     Upcycling(2).save(tmp_path)  # the weights of 4 experts, the record of 2
     with pytest.raises(ValueError, match="does not belong"):
         load_upcycled(tmp_path)
+
+
+def test_each_moe_layer_takes_its_own_k():
+    """A per-layer slice: equal entries are uniform k; mixed ones set each layer; bad ones are refused."""
+    from smoe.model.moe import top_ks_of
+
+    model = upcycle(dense_model("llama"), num_experts=4).eval()
+    with torch.no_grad():
+        set_top_k(model, 2)
+        uniform = model(token_ids()).logits
+        set_top_k(model, [2, 2, 2])
+        assert torch.equal(model(token_ids()).logits, uniform)
+        set_top_k(model, [1, 4, 2])
+        assert top_ks_of(model) == [1, 4, 2]
+        model(token_ids())
+        counts = [layer.deepspeed_moe.exp_counts.sum().item() for layer in moe_layers_of(model)]
+        assert counts == [24 * 1, 24 * 4, 24 * 2]  # 2 x 12 tokens, each at its layer's k
+    with pytest.raises(ValueError, match="2 per-layer ks for a model with 3 MoE layers"):
+        set_top_k(model, [1, 2])
+    with pytest.raises(ValueError, match=r"top-k \(5\) must be between 1 and the number of experts \(4\)"):
+        set_top_k(model, [1, 5, 2])
