@@ -101,8 +101,8 @@ def native_obstacle(model: nn.Module, layers: dict[int, UpcycledMLP]) -> str | N
     target = TARGETS[config.model_type]
     for name, value in target.fixed.items():
         if getattr(config, name, value) != value:
-            return f"the '{config.model_type}' model has {name}={getattr(config, name)}, which {target.architecture} " \
-                   "cannot hold"
+            return (f"the '{config.model_type}' model has {name}={getattr(config, name)}, which "
+                    f"{target.architecture} cannot hold")
     if not target.dense_layers and len(layers) < config.num_hidden_layers:
         dense = sorted(set(range(config.num_hidden_layers)) - set(layers))
         return f"layers {dense} of the model are dense, which {target.architecture} cannot hold (it has no dense layer)"
