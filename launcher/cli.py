@@ -110,7 +110,8 @@ def _add_eval(commands) -> None:
                                              "inference FLOPs per token and active parameters; --plot draws BPC "
                                              "against active parameters (the paper's Figure 1).")
     parser.add_argument("run_dir", help="the --out directory of a `smoe train` run")
-    parser.add_argument("--k", help="comma-separated ks (default: the run's eval_ks)")
+    parser.add_argument("--k", help="comma-separated ks (default: the run's eval_ks); a per-layer slice is one k per "
+                                    "MoE layer joined by '/', e.g. --k 1,2,4,2/4/4/8")
     parser.add_argument("--json", help="write the table here")
     parser.add_argument("--plot", help="write the BPC-vs-active-parameters plot here (PNG)")
     data = parser.add_mutually_exclusive_group()
@@ -122,15 +123,14 @@ def _add_eval(commands) -> None:
 def _run_eval(args) -> None:
     from smoe.launcher.checkpoints.run_dir import RunDir
     from smoe.launcher.checkpoints.schema import latest_tag
-    from smoe.launcher.config import parse_ks
+    from smoe.launcher.config import check_k_settings, parse_k_settings
     from smoe.launcher.evaluation.run import evaluate_run
 
-    ks = parse_ks(args.k) if args.k else None
+    ks = parse_k_settings(args.k) if args.k else None
     # Refused here, before evaluate_run joins a process group: no run, no checkpoint, a k out of range.
     run = RunDir(Path(args.run_dir))
     config = run.load_config()
-    if ks and any(not 1 <= k <= config.num_experts for k in ks):
-        raise ValueError(f"--k {args.k}: every k must be between 1 and num_experts ({config.num_experts})")
+    check_k_settings(ks or [], config, f"--k {args.k}")
     if latest_tag(run.checkpoints) is None:
         raise ValueError(f"{run.checkpoints} holds no complete checkpoint: train (or resume) the run first")
     if args.data_file:

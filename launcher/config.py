@@ -17,7 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from smoe.data.mlm import check_block_fits
-from smoe.model.feedforward import FeedForwardSpec, combine_scale_value, get_method, moe_layers
+from smoe.model.feedforward import FeedForwardSpec, Method, combine_scale_value, get_method, moe_layers
 from smoe.model.transformer_xl import TransformerXLConfig
 from smoe.routing import RouterOptions, TopKSchedule
 from smoe.routing.schedule import StepPlan
@@ -30,6 +30,8 @@ SHAPE_FIELDS = ("model", "n_layer", "d_model", "n_head", "d_head", "d_ff", "num_
 
 MODELS = ("transformer-xl", "bert", "roberta", "causal-lm")
 MASKED_LM_MODELS = ("bert", "roberta")
+# How each MoE layer's k is set every training step (TrainConfig.k_sampling).
+K_SAMPLINGS = ("global", "per-layer")
 # The best combine scale found per model (docs/quality.md, 3 seeds each): inverted dropout for
 # Transformer-XL (better at every k), the paper's 1 for masked-LM (better at k <= 4, equal above).
 # A causal LM takes the scale its upcycled directory records (upcycling's default: N).
@@ -81,6 +83,9 @@ class TrainConfig:
     k_min: int = 8  # increasing-k methods: k = linear(k_min -> k_max) over max_steps
     k_max: int = 16
     k_fixed: int = 2  # fixed-k methods (smoe-learned, thor)
+    # increasing-k methods: "global" sets the schedule's k on every MoE layer; "per-layer" gives each MoE
+    # layer its own k each step, drawn uniformly from k_min..schedule(step) (TopKSchedule.layer_ks)
+    k_sampling: str = "global"
     router: RouterOptions = field(default_factory=RouterOptions)  # router.balance_coef=..., router.z_loss_coef=...
     consistency_coef: float = 2.0  # THOR's symmetric KL weight
     dropblock_size: int = 64
@@ -121,7 +126,7 @@ class TrainConfig:
         method = get_method(self.method)
         default = DEFAULT_COMBINE_SCALE.get(self.model, "N")  # an unknown model is refused below
         self.combine_scale = f"{combine_scale_value(self.combine_scale or default, self.num_experts):g}"
-        for name, allowed in (("model", MODELS), ("lr_decay", ("cosine", "linear"))):
+        for name, allowed in (("model", MODELS), ("lr_decay", ("cosine", "linear")), ("k_sampling", K_SAMPLINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} '{getattr(self, name)}' is unknown: use one of {', '.join(allowed)}")
         if not 0 < self.mlm_probability < 1:
@@ -154,7 +159,20 @@ class TrainConfig:
             if bad:
                 raise ValueError(f"eval_ks {bad} outside 1..num_experts ({self.num_experts}): "
                                  f"use e.g. eval_ks=1,2,4,{self.num_experts}")
+        if self.k_sampling == "per-layer":
+            self._check_per_layer_k(method)
         self.model_config()
+
+    def _check_per_layer_k(self, method: Method) -> None:
+        """Per-layer k draws from the increasing-k schedule's range: refused where there is no range."""
+        if method.dense or not method.increasing_k:
+            has = "no experts" if method.dense else f"one fixed k (k_fixed={self.k_fixed})"
+            raise ValueError(f"k_sampling=per-layer draws each MoE layer's k from the k_min -> k_max schedule, and "
+                             f"method {self.method} has {has}: use k_sampling=global, or an increasing-k method "
+                             "such as smoe-dropout")
+        if self.k_min == self.k_max:
+            raise ValueError(f"k_sampling=per-layer with k_min == k_max ({self.k_max}) gives every layer k "
+                             f"{self.k_max}: lower k_min, or use k_sampling=global")
 
     @property
     def text(self) -> bool:
@@ -237,6 +255,28 @@ def parse_ks(text: str, flag: str = "--k") -> list[int]:
         return [int(k) for k in text.split(",")]
     except ValueError:
         raise ValueError(f"{flag} {text}: expected comma-separated integers, e.g. {flag} 1,2,4,16") from None
+
+
+def parse_k_settings(text: str, flag: str = "--k") -> list[int | tuple[int, ...]]:
+    """``1,2,4,2/4/4/8``: ks for every MoE layer, or a slice with one k per MoE layer joined by ``/``."""
+    try:
+        return [int(item) if "/" not in item else tuple(int(k) for k in item.split("/")) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text}: expected comma-separated ks, each an integer or one per MoE layer joined by "
+                         f"'/', e.g. {flag} 1,2,4,2/4/4/8") from None
+
+
+def check_k_settings(settings: list, config: "TrainConfig", given: str) -> None:
+    """Every k within 1..num_experts, and every slice with one k per MoE layer of the run; ``given`` is
+    what the command line said (``--k 1,99``), for the message."""
+    layers = len(moe_layers(config.moe_layers, config.n_layer))
+    for setting in settings:
+        ks = [setting] if isinstance(setting, int) else list(setting)
+        if any(not 1 <= k <= config.num_experts for k in ks):
+            raise ValueError(f"{given}: every k must be between 1 and num_experts ({config.num_experts})")
+        if not isinstance(setting, int) and len(ks) != layers:
+            raise ValueError(f"{given}: the slice {'/'.join(map(str, ks))} has {len(ks)} per-layer ks for a run with "
+                             f"{layers} MoE layers: give one k per MoE layer")
 
 
 def presets() -> dict[str, dict]:

@@ -6,6 +6,7 @@ full memory) on the sparse dispatch, so that they follow k as the paper reports.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import deepspeed.comm as dist
 import torch
@@ -56,13 +57,15 @@ def model_size(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) + frozen
 
 
-def active_parameters(model: nn.Module, k: int | None) -> int:
-    """Parameters one token uses: all but the N - k experts it skips in each MoE layer
-    (counted for the whole model, also when this rank holds only some experts)."""
+def active_parameters(model: nn.Module, k: int | Sequence[int] | None) -> int:
+    """Parameters one token uses: all but the N - k experts it skips in each MoE layer, ``k`` one for
+    every layer or one per MoE layer (counted for the whole model, also when this rank holds only
+    some experts)."""
     total = model_size(model)
-    for layer in moe_layers_of(model):
+    layers = moe_layers_of(model)
+    for layer, layer_k in zip(layers, [k] * len(layers) if k is None or isinstance(k, int) else k):
         per_expert = sum(p.numel() for p in layer.local_experts[0].parameters())
-        total += per_expert * (k - layer.num_local_experts)
+        total += per_expert * (layer_k - layer.num_local_experts)
     return total
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from smoe.launcher.checkpoints.load import loadable_tag
 from smoe.launcher.checkpoints.run_dir import RunDir
+from smoe.launcher.config import check_k_settings
 from smoe.launcher.evaluation.sweep import SweepRow, format_header, plot, rows_to_json, sweep
 from smoe.launcher.families import family_of
 from smoe.launcher.runtime import log
@@ -16,7 +17,7 @@ from smoe.launcher.runtime.files import write_atomic
 from smoe.model.autotune import set_auto_paths
 
 
-def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path=None, data_dir: str | None = None,
+def evaluate_run(run_dir, ks: list[int | tuple[int, ...]] | None = None, json_path=None, plot_path=None, data_dir: str | None = None,
                  data_file: str | None = None) -> list[SweepRow]:
     """`smoe eval`: the sweep for a run's latest checkpoint, on its own data unless told otherwise.
 
@@ -28,9 +29,7 @@ def evaluate_run(run_dir, ks: list[int] | None = None, json_path=None, plot_path
     if world % config.ep_size:
         config = replace(config, ep_size=1)
     ks = list(ks or config.eval_ks)
-    if any(not 1 <= k <= config.num_experts for k in ks):
-        raise ValueError(f"--k {','.join(map(str, ks))}: every k must be between 1 and num_experts "
-                         f"({config.num_experts})")
+    check_k_settings(ks, config, f"--k {','.join(map(str, ks))}")
     family = family_of(config, run.root)
     family.load_data(data_dir, data_file)
     model = family.build(config, rank)

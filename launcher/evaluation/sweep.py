@@ -11,12 +11,12 @@ from torch import nn
 from smoe.launcher.evaluation.metrics import LN2, active_parameters
 from smoe.launcher.runtime import log
 from smoe.launcher.runtime.files import atomic_output
-from smoe.model.moe import moe_layers_of, set_top_k
+from smoe.model.moe import moe_layers_of, set_top_k, top_ks_of
 
 
 @dataclass
 class SweepRow:
-    k: int | None  # None for dense models
+    k: int | list[int] | None  # one k for every MoE layer, or one per MoE layer (a slice); None for dense models
     valid_bpc: float
     test_bpc: float | None
     active_params: int
@@ -24,22 +24,29 @@ class SweepRow:
 
 
 def sweep(model: nn.Module, ks: list[int], valid_loss, test_loss, flops) -> list[SweepRow]:
-    """Evaluate at every k (one row for a dense model) and restore the model's k after.
+    """Evaluate at every k (one row for a dense model) and restore the model's ks after. A k is one
+    for every MoE layer, or a list with one per MoE layer.
 
     ``valid_loss()`` and ``test_loss()`` (or None) give nats per token, ``flops()`` forward
     FLOPs per token, each at the k currently set."""
     layers = moe_layers_of(model)
-    original_k = layers[0].top_k if layers else None
+    original_ks = top_ks_of(model)
     rows = []
     for k in (ks if layers else [None]):
         if k is not None:
+            k = k if isinstance(k, int) else list(k)
             set_top_k(model, k)
         rows.append(SweepRow(k, valid_loss() / LN2, test_loss() / LN2 if test_loss else None,
                              active_parameters(model, k), flops()))
         log.info(format_row(rows[-1]))
-    if original_k is not None:
-        set_top_k(model, original_k)
+    if layers:
+        set_top_k(model, original_ks)
     return rows
+
+
+def k_label(k: int | list[int] | None) -> str:
+    """A k as the command line writes it: ``4``, a slice as ``2/4/4/8``, a dense model as ``-``."""
+    return "-" if k is None else str(k) if isinstance(k, int) else "/".join(map(str, k))
 
 
 def format_header(unit: str = "BPC") -> str:
@@ -53,7 +60,7 @@ def perplexity(bits: float | None) -> float | None:
 
 
 def format_row(row: SweepRow) -> str:
-    k = "-" if row.k is None else str(row.k)
+    k = k_label(row.k)
     test = "-" if row.test_bpc is None else f"{row.test_bpc:.4f}"
     return (f"{k:>4}  {row.valid_bpc:>9.4f}  {test:>8}  {perplexity(row.valid_bpc):>9.2f}  "
             f"{row.active_params / 1e6:>12.2f}M  {row.flops_per_token / 1e9:>12.4f}")
@@ -79,7 +86,7 @@ def plot(rows: list[SweepRow], path, title: str, unit: str = "BPC") -> None:
         ax.plot(x, [r.test_bpc for r in rows], "s--", label="test")
     for r, xi in zip(rows, x):
         if r.k is not None:
-            ax.annotate(f"k={r.k}", (xi, r.valid_bpc), textcoords="offset points", xytext=(3, 4), fontsize=8)
+            ax.annotate(f"k={k_label(r.k)}", (xi, r.valid_bpc), textcoords="offset points", xytext=(3, 4), fontsize=8)
     ax.set_xlabel("active parameters (M)")
     ax.set_ylabel(unit)
     ax.set_title(title, fontsize=9)

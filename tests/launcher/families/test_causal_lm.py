@@ -45,9 +45,12 @@ def test_an_upcycled_llama_trains_resumes_exactly_and_evaluates_at_every_k(books
     report = json.loads((straight / "eval.json").read_text())
     assert report["unit"] == "bits/token" and [row["k"] for row in report["rows"]] == [1, 2, 4]
     assert all(row["test_perplexity"] == pytest.approx(2 ** row["test_bpc"]) for row in report["rows"])
-    smoe("eval", straight, "--json", tmp_path / "eval.json")
-    for row, expected in zip(json.loads((tmp_path / "eval.json").read_text())["rows"], report["rows"]):
+    smoe("eval", straight, "--json", tmp_path / "eval.json", "--k", "1,2,4,1/4")  # and a per-layer slice
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    for row, expected in zip(rows, report["rows"]):
         assert row["valid_bpc"] == pytest.approx(expected["valid_bpc"], abs=1e-5)
+    assert rows[3]["k"] == [1, 4] and rows[0]["active_params"] < rows[3]["active_params"] < rows[2]["active_params"]
+    assert rows[0]["flops_per_token"] < rows[3]["flops_per_token"] < rows[2]["flops_per_token"]
     smoe("export", straight, tmp_path / "native")  # the trained run as transformers' own MoE class
     from transformers import AutoModelForCausalLM
 
