@@ -66,8 +66,9 @@ def expert_counts(model: nn.Module) -> list[torch.Tensor | None]:
 
 def with_blocks(base: type, config_class: type, install: Callable[[nn.Module], None], module: str,
                 mixins: tuple[type, ...] = ()) -> type:
-    """``base`` (a transformers model class: BERT/RoBERTa, or an exported decoder LM) with ``install(model)`` run after its init
-    (which would otherwise redraw the blocks' routers), named "SMoE" + its name, in ``module``,
+    """``base`` (a transformers model class: BERT/RoBERTa, or an exported decoder LM) with
+    ``install(model)`` run after its init (which would otherwise redraw the blocks' routers), named
+    "SMoE" + its name, in ``module``,
     with ``mixins`` before it."""
 
     def __init__(self, config, *args, **kwargs):
