@@ -68,8 +68,7 @@ def with_blocks(base: type, config_class: type, install: Callable[[nn.Module], N
                 mixins: tuple[type, ...] = ()) -> type:
     """``base`` (a transformers model class: BERT/RoBERTa, or an exported decoder LM) with
     ``install(model)`` run after its init (which would otherwise redraw the blocks' routers), named
-    "SMoE" + its name, in ``module``,
-    with ``mixins`` before it."""
+    "SMoE" + its name, in ``module``, with ``mixins`` before it."""
 
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config)
