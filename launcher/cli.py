@@ -1,5 +1,6 @@
-"""The `smoe` command: `smoe train`, `smoe eval`, `smoe bench layer|quality|train|infer`, `smoe ckpt consolidate`,
-`smoe upcycle` (or `smoe convert`), `smoe slim`, `smoe finetune`, `smoe distill`, `smoe report`, `smoe export`."""
+"""The `smoe` command: `smoe train`, `smoe eval`, `smoe slice`, `smoe bench layer|quality|train|infer`,
+`smoe ckpt consolidate`, `smoe upcycle` (or `smoe convert`), `smoe slim`, `smoe finetune`, `smoe distill`,
+`smoe report`, `smoe export`."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def _add_eval(commands) -> None:
                                              "against active parameters (the paper's Figure 1).")
     parser.add_argument("run_dir", help="the --out directory of a `smoe train` run")
     parser.add_argument("--k", help="comma-separated ks (default: the run's eval_ks); a per-layer slice is one k per "
-                                    "MoE layer joined by '/', e.g. --k 1,2,4,2/4/4/8")
+                                    "MoE layer joined by '/', e.g. --k 1,2,4,2/4/4/8, or a slice's name from "
+                                    "RUN/slices.json (`smoe slice`)")
     parser.add_argument("--json", help="write the table here")
     parser.add_argument("--plot", help="write the BPC-vs-active-parameters plot here (PNG)")
     data = parser.add_mutually_exclusive_group()
@@ -125,11 +127,13 @@ def _run_eval(args) -> None:
     from smoe.launcher.checkpoints.schema import latest_tag
     from smoe.launcher.config import check_k_settings, parse_k_settings
     from smoe.launcher.evaluation.run import evaluate_run
+    from smoe.launcher.evaluation.slice import named_slices
 
-    ks = parse_k_settings(args.k) if args.k else None
-    # Refused here, before evaluate_run joins a process group: no run, no checkpoint, a k out of range.
+    # Refused here, before evaluate_run joins a process group: no run, no checkpoint, a k out of range,
+    # an unknown slice name.
     run = RunDir(Path(args.run_dir))
     config = run.load_config()
+    ks = parse_k_settings(args.k, slices=named_slices(run)) if args.k else None
     check_k_settings(ks or [], config, f"--k {args.k}")
     if latest_tag(run.checkpoints) is None:
         raise ValueError(f"{run.checkpoints} holds no complete checkpoint: train (or resume) the run first")
@@ -265,6 +269,8 @@ MODULE_COMMANDS = {
     "finetune": ("smoe.launcher.downstream.finetune", "fine-tune a slim or converted model on a downstream task"),
     "distill": ("smoe.launcher.downstream.distill", "distil a fine-tuned SST-2 teacher into a single-expert student"),
     "report": ("smoe.launcher.downstream.report", "the paper's downstream tables and figure from a directory of runs"),
+    "slice": ("smoe.launcher.evaluation.slice", "per-layer ks of best held-out quality under a FLOPs or parameter "
+                                               "budget, named in RUN/slices.json"),
     "export": ("smoe.launcher.export.run", "a Hugging Face directory that loads without smoe, any k at load time"),
 }
 

@@ -257,13 +257,23 @@ def parse_ks(text: str, flag: str = "--k") -> list[int]:
         raise ValueError(f"{flag} {text}: expected comma-separated integers, e.g. {flag} 1,2,4,16") from None
 
 
-def parse_k_settings(text: str, flag: str = "--k") -> list[int | tuple[int, ...]]:
-    """``1,2,4,2/4/4/8``: ks for every MoE layer, or a slice with one k per MoE layer joined by ``/``."""
-    try:
-        return [int(item) if "/" not in item else tuple(int(k) for k in item.split("/")) for item in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} {text}: expected comma-separated ks, each an integer or one per MoE layer joined by "
-                         f"'/', e.g. {flag} 1,2,4,2/4/4/8") from None
+def parse_k_settings(text: str, flag: str = "--k", slices: dict[str, list[int]] | None = None
+                     ) -> list[int | tuple[int, ...]]:
+    """``1,2,4,2/4/4/8``: ks for every MoE layer, or a slice with one k per MoE layer joined by ``/``,
+    or a slice's name from ``slices`` (a run's ``slices.json``, written by `smoe slice`)."""
+    settings = []
+    for item in text.split(","):
+        if slices and item in slices:
+            settings.append(tuple(slices[item]))
+            continue
+        try:
+            settings.append(int(item) if "/" not in item else tuple(int(k) for k in item.split("/")))
+        except ValueError:
+            known = ", ".join(slices) if slices else "none yet: `smoe slice RUN` names them"
+            raise ValueError(f"{flag} {text}: expected comma-separated ks, each an integer, one per MoE layer joined "
+                             f"by '/' (e.g. {flag} 1,2,4,2/4/4/8) or the name of a slice of the run: '{item}' is "
+                             f"none of them (the run's slices: {known})") from None
+    return settings
 
 
 def check_k_settings(settings: list, config: "TrainConfig", given: str) -> None:

@@ -92,7 +92,8 @@ LAUNCHER_LAYERS = [
     ["smoe.launcher.families"],
     ["smoe.launcher.checkpoints"],
     ["smoe.launcher.training"],
-    ["smoe.launcher.evaluation.run", "smoe.launcher.bench", "smoe.launcher.downstream", "smoe.launcher.export"],
+    ["smoe.launcher.evaluation.run", "smoe.launcher.evaluation.slice", "smoe.launcher.bench",
+     "smoe.launcher.downstream", "smoe.launcher.export"],
     ["smoe.launcher.cli"],
 ]
 

@@ -50,6 +50,11 @@ class RunDir:
         return self.root / "dispatch.json"
 
     @property
+    def slices(self) -> Path:
+        """Named per-layer ks searched under budgets by `smoe slice`; `smoe eval --k NAME` reads them."""
+        return self.root / "slices.json"
+
+    @property
     def lock(self) -> Path:
         return self.root / ".lock"
 
