@@ -24,6 +24,24 @@ SMALL_MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", 
 
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
+# The tiny random-weight decoder LMs of the upcycling and export tests: every architecture upcycling takes.
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+DECODER_VOCAB, DECODER_HIDDEN, DECODER_INTERMEDIATE = 101, 32, 64
+
+
+def decoder_config(architecture: str, layers: int = 3, **extra):
+    """A transformers config of ``architecture`` at the tests' tiny size, ``extra`` fields on top."""
+    from transformers import CONFIG_MAPPING
+
+    if architecture == "gpt2":
+        fields = dict(n_embd=DECODER_HIDDEN, n_inner=DECODER_INTERMEDIATE, n_layer=layers, n_head=4, n_positions=64,
+                      bos_token_id=1, eos_token_id=2)
+    else:
+        fields = dict(hidden_size=DECODER_HIDDEN, intermediate_size=DECODER_INTERMEDIATE, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      **({"head_dim": 8} if architecture == "qwen3" else {}))
+    return CONFIG_MAPPING[architecture](vocab_size=DECODER_VOCAB, **{**fields, **extra})
+
 
 def run(command: list, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     result = subprocess.run(list(map(str, command)), env={**os.environ, **CPU_ENV}, capture_output=True, text=True,
@@ -51,4 +69,5 @@ def train(out, corpus, *args, ranks: int = 1) -> subprocess.CompletedProcess:
                 *command])
 
 
-__all__ = ["CPU_ENV", "DETERMINISTIC", "REPO", "SMALL", "SMALL_MLM", "run", "scalars", "smoe", "train"]
+__all__ = ["CPU_ENV", "DECODERS", "DECODER_HIDDEN", "DECODER_INTERMEDIATE", "DECODER_VOCAB", "DETERMINISTIC", "REPO",
+           "SMALL", "SMALL_MLM", "decoder_config", "run", "scalars", "smoe", "train"]

@@ -7,25 +7,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import AutoModelForCausalLM, OPTConfig
 
 from smoe.model.bert import ROUTER_LOGIT_STD, load_dense_mlp
 from smoe.model.decoder import ARCHITECTURES, UpcycledMLP, Upcycling, load_upcycled, save_upcycled, upcycle
 from smoe.model.moe import SMoE, moe_layers_of, set_top_k, top_k_of
 from smoe.routing import build_router
 
-VOCAB, HIDDEN, INTERMEDIATE, LAYERS = 101, 32, 64, 3
-GATED = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-             num_attention_heads=4, num_key_value_heads=2)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**GATED),
-    "mistral": lambda: MistralConfig(**GATED),
-    "qwen2": lambda: Qwen2Config(**GATED),
-    "qwen3": lambda: Qwen3Config(**GATED, head_dim=8),
-    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=4,
-                               n_positions=32, bos_token_id=0, eos_token_id=0),
-}
+from runs import DECODER_HIDDEN, DECODER_INTERMEDIATE, DECODER_VOCAB, DECODERS, decoder_config
+
+VOCAB, HIDDEN, INTERMEDIATE, LAYERS = DECODER_VOCAB, DECODER_HIDDEN, DECODER_INTERMEDIATE, 3
+CONFIGS = {architecture: (lambda a=architecture: decoder_config(a, LAYERS)) for architecture in DECODERS}
 
 
 def dense_model(architecture: str) -> torch.nn.Module:

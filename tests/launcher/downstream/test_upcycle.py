@@ -9,25 +9,17 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+from transformers import AutoModelForCausalLM, OPTConfig, PreTrainedTokenizerFast
 
 from smoe.launcher import cli
 from smoe.launcher.downstream import upcycle as upcycle_command
 from smoe.model.decoder import Upcycling, load_upcycled
 from smoe.model.moe import moe_layers_of, set_top_k
 
-VOCAB, HIDDEN, INTERMEDIATE, LAYERS, N = 101, 32, 64, 2, 4
-GATED = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-             num_attention_heads=4, num_key_value_heads=2)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**GATED),
-    "mistral": lambda: MistralConfig(**GATED),
-    "qwen2": lambda: Qwen2Config(**GATED),
-    "qwen3": lambda: Qwen3Config(**GATED, head_dim=8),
-    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=4,
-                               n_positions=32, bos_token_id=0, eos_token_id=0),
-}
+from runs import DECODER_HIDDEN, DECODER_INTERMEDIATE, DECODER_VOCAB, DECODERS, decoder_config
+
+VOCAB, HIDDEN, INTERMEDIATE, LAYERS, N = DECODER_VOCAB, DECODER_HIDDEN, DECODER_INTERMEDIATE, 2, 4
+CONFIGS = {architecture: (lambda a=architecture: decoder_config(a, LAYERS)) for architecture in DECODERS}
 
 
 def save_dense(config, directory, tokenizer: bool = False) -> torch.nn.Module:

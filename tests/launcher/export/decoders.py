@@ -10,25 +10,18 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, MistralConfig,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from smoe.launcher.export.verify import padded_ids
 from smoe.model.decoder import upcycle
 from smoe.model.moe import set_top_k
 
+from runs import DECODER_HIDDEN, DECODER_INTERMEDIATE, DECODER_VOCAB, DECODERS, decoder_config
+
 HERE = Path(__file__).parent
-VOCAB, HIDDEN, INTERMEDIATE, LAYERS, EXPERTS = 101, 32, 64, 3, 4
-GATED = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-CONFIGS = {
-    "llama": lambda **extra: LlamaConfig(**GATED, **extra),
-    "mistral": lambda **extra: MistralConfig(**GATED, **extra),
-    "qwen2": lambda **extra: Qwen2Config(**GATED, **extra),
-    "qwen3": lambda **extra: Qwen3Config(**GATED, head_dim=8, **extra),
-    "gpt2": lambda **extra: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS,
-                                       n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2, **extra),
-}
+VOCAB, HIDDEN, INTERMEDIATE, LAYERS, EXPERTS = DECODER_VOCAB, DECODER_HIDDEN, DECODER_INTERMEDIATE, 3, 4
+CONFIGS = {architecture: (lambda a=architecture, **extra: decoder_config(a, LAYERS, **extra))
+           for architecture in DECODERS}
 TEXT = "w5 w7 w9"
 TOLERANCE = 1e-5
 
