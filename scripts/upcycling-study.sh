@@ -7,15 +7,19 @@
 set -euo pipefail
 out=${1:-runs/upcycling-study}
 data=${2:-../shared/data/books/dickens.txt}  # Latin-1 text
-pretrain_steps=${PRETRAIN_STEPS:-400}
-steps=${STEPS:-100}
+pretrain_steps=${PRETRAIN_STEPS:-1000}
+steps=${STEPS:-300}
 smoe train --preset llama-tiny --method dense --data-files "$data" --out "$out/pretrain" --auto-resume text_encoding=latin-1 \
     max_steps="$pretrain_steps" eval_every="$pretrain_steps" save_every="$pretrain_steps"
 [ -d "$out/dense" ] || smoe export "$out/pretrain" "$out/dense" --ks 1 --batch 4 --length 64 --repeats 1
 [ -d "$out/upcycled" ] || smoe upcycle "$out/dense" "$out/upcycled" --num-experts 8
 [ -d "$out/upcycled-learned" ] || smoe upcycle "$out/dense" "$out/upcycled-learned" --num-experts 8 --method smoe-learned
-smoe bench quality --preset causal-lm --data-files "$data" --out "$out/continued" --seeds 0,1,2 \
-    --methods "dense:init=$out/dense,smoe-dropout:init=$out/upcycled,smoe-learned:init=$out/upcycled-learned" \
-    --json "$out/study.json" --markdown "$out/study.md" \
-    text_encoding=latin-1 block_size=128 batch_size=16 lr=1e-3 warmup_steps=10 max_steps="$steps" eval_every="$steps" \
-    save_every="$steps" log_every=25 eval_segments=10
+# One seed at a time, then all three read back together: a stop leaves whole seeds, and the same
+# command continues (finished runs are read, not run again).
+for seeds in 0 1 2 0,1,2; do
+    smoe bench quality --preset causal-lm --data-files "$data" --out "$out/continued" --seeds "$seeds" \
+        --methods "dense:init=$out/dense,smoe-dropout:init=$out/upcycled,smoe-learned:init=$out/upcycled-learned" \
+        --json "$out/study.json" --markdown "$out/study.md" \
+        text_encoding=latin-1 block_size=128 batch_size=16 lr=1e-3 warmup_steps=10 max_steps="$steps" \
+        eval_every="$steps" save_every="$steps" log_every=25 eval_segments=10
+done
