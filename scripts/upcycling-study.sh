@@ -9,9 +9,9 @@ out=${1:-runs/upcycling-study}
 data=${2:-../shared/data/books/dickens.txt}  # Latin-1 text
 pretrain_steps=${PRETRAIN_STEPS:-1000}
 steps=${STEPS:-300}
-smoe train --preset llama-tiny --method dense --data-files "$data" --out "$out/pretrain" --auto-resume text_encoding=latin-1 \
-    max_steps="$pretrain_steps" eval_every="$pretrain_steps" save_every="$pretrain_steps"
-[ -d "$out/dense" ] || smoe export "$out/pretrain" "$out/dense" --ks 1 --batch 4 --length 64 --repeats 1
+smoe train --preset llama-tiny --method dense --data-files "$data" --out "$out/pretrain" --auto-resume \
+    text_encoding=latin-1 max_steps="$pretrain_steps" eval_every="$pretrain_steps" save_every="$pretrain_steps"
+[ -d "$out/dense" ] || smoe export "$out/pretrain" "$out/dense"   # a dense run: LlamaForCausalLM
 [ -d "$out/upcycled" ] || smoe upcycle "$out/dense" "$out/upcycled" --num-experts 8
 [ -d "$out/upcycled-learned" ] || smoe upcycle "$out/dense" "$out/upcycled-learned" --num-experts 8 --method smoe-learned
 # One seed at a time, then all three read back together: a stop leaves whole seeds, and the same
