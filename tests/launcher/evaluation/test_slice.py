@@ -1,0 +1,135 @@
+"""`smoe slice`: the greedy walk on synthetic costs, and the command on a small trained run: budgets
+respected, a slice of equal ks is the uniform k, `smoe eval --k NAME` evaluates the slice, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from runs import smoe, train
+from smoe.launcher.cli import main
+from smoe.launcher.evaluation.slice import Budget, Point, best_under, greedy_walk
+
+WEIGHTS = (8.0, 1.0, 6.0)  # how much each layer's loss falls when its k rises
+
+
+def synthetic_loss(ks):
+    return sum(w / k for w, k in zip(WEIGHTS, ks))
+
+
+def test_the_walk_raises_the_layer_of_best_gain_per_cost_and_stays_within_the_limit():
+    evaluated = []
+
+    def loss(ks):
+        evaluated.append(ks)
+        return synthetic_loss(ks)
+
+    frontier = greedy_walk([1, 2, 4], 3, loss, cost=sum, limit=9)
+    assert [p.ks for p in frontier] == [(1, 1, 1), (2, 1, 1), (2, 1, 2), (4, 1, 2), (4, 1, 4)]
+    assert all(p.cost <= 9 for p in frontier) and all(sum(ks) <= 9 for ks in evaluated)
+    assert [p.loss for p in frontier] == [synthetic_loss(p.ks) for p in frontier]
+
+
+def test_a_costly_raise_of_small_gain_loses_to_a_cheap_one():
+    # Layer 0 gains most in total, but each of its steps costs 10; layer 1's gains are cheaper per cost.
+    frontier = greedy_walk([1, 2], 2, synthetic_loss, cost=lambda ks: 10 * ks[0] + 0.01 * ks[1], limit=100)
+    assert frontier[1].ks == (1, 2)
+
+
+def test_a_budget_takes_the_best_point_within_it_and_one_below_the_cheapest_is_refused():
+    frontier = [Point((1, 1), 3.0, 2.0), Point((2, 1), 2.0, 3.0), Point((2, 2), 2.5, 4.0)]
+    assert best_under(frontier, Budget("params", 4.0, "p")).ks == (2, 1)
+    with pytest.raises(ValueError, match=r"below the cheapest slice, k=1/1, which costs 2 active parameters"):
+        best_under(frontier, Budget("params", 1.5, "p"))
+
+
+@pytest.fixture(scope="module")
+def sliced(corpus, tmp_path_factory):
+    """A small run trained 4 steps, its uniform sweep, and `smoe slice` at a FLOPs and a parameter budget
+    half way between k = 1 and k = 4."""
+    root = tmp_path_factory.mktemp("slice")
+    run = root / "run"
+    train(run, corpus, "max_steps=4")
+    smoe("eval", run, "--k", "1,2,4,2/2", "--json", root / "sweep.json")
+    rows = json.loads((root / "sweep.json").read_text())["rows"]
+    gflops = (rows[0]["flops_per_token"] + rows[2]["flops_per_token"]) / 2 / 1e9
+    params = (rows[0]["active_params"] + rows[2]["active_params"]) // 2
+    smoe("slice", run, "--budget-gflops", f"{gflops:.6g}", "--params", str(params), "--ks", "1,2,4",
+         "--max-batches", "1")
+    return run, rows, float(f"{gflops:.6g}"), params
+
+
+def test_a_slice_of_equal_ks_is_the_uniform_k(sliced):
+    _, rows, _, _ = sliced
+    uniform, equal = rows[1], rows[3]
+    assert (uniform["k"], equal["k"]) == (2, [2, 2])
+    assert {**uniform, "k": None} == {**equal, "k": None}
+
+
+def test_every_slice_and_frontier_point_fits_its_budget(sliced):
+    run, rows, gflops, params = sliced
+    table = json.loads((run / "slices.json").read_text())
+    names = {s["name"]: s for s in table["slices"]}
+    assert set(names) == {f"gflops-{gflops:g}", f"params-{params}"}
+    assert names[f"gflops-{gflops:g}"]["flops_per_token"] <= gflops * 1e9
+    assert names[f"params-{params}"]["active_params"] <= params
+    for cost, limit in (("gflops", gflops), ("params", params)):
+        frontier = table["frontier"][cost]
+        assert frontier[0]["ks"] == [1, 1] and len(frontier) > 1  # the walk moved
+        assert all(point[cost] <= limit for point in frontier)
+        best = min(frontier, key=lambda p: p["calibration_bits"])
+        chosen = names[f"gflops-{gflops:g}" if cost == "gflops" else f"params-{params}"]
+        assert chosen["ks"] == best["ks"] and chosen["calibration_bits"] == pytest.approx(best["calibration_bits"])
+    assert [row["k"] for row in table["uniform"]] == [1, 2, 4]
+    assert [row["test_bits"] for row in table["uniform"]] == pytest.approx([row["test_bpc"] for row in rows[:3]])
+    assert table["calibration"] == {"split": "valid", "max_batches": 1}
+
+
+def test_eval_by_name_evaluates_the_slice(sliced, tmp_path):
+    run, _, gflops, _ = sliced
+    chosen = {s["name"]: s for s in json.loads((run / "slices.json").read_text())["slices"]}[f"gflops-{gflops:g}"]
+    smoe("eval", run, "--k", f"gflops-{gflops:g}", "--json", tmp_path / "named.json")
+    row, = json.loads((tmp_path / "named.json").read_text())["rows"]
+    assert row["k"] == chosen["ks"]
+    assert row["test_bpc"] == pytest.approx(chosen["test_bits"])
+    assert (row["flops_per_token"], row["active_params"]) == (chosen["flops_per_token"], chosen["active_params"])
+
+
+def test_a_budget_below_the_cheapest_slice_is_refused_with_its_cost(sliced):
+    run, rows, _, _ = sliced
+    before = (run / "slices.json").read_text()
+    result = smoe("slice", run, "--budget-gflops", "1e-9", "--ks", "1,2,4", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "below the cheapest slice, k=1/1, which costs" in result.stderr
+    assert f"{rows[0]['flops_per_token'] / 1e9:.6g} GFLOPs per token" in result.stderr
+    assert (run / "slices.json").read_text() == before
+
+
+def refusal(argv, capsys) -> str:
+    assert main(list(map(str, argv))) == 2
+    return capsys.readouterr().err
+
+
+def test_refusals_before_any_process_group(sliced, tmp_path, capsys):
+    run, _, gflops, _ = sliced
+    err = refusal(["eval", run, "--k", "2,nope"], capsys)
+    assert "'nope' is none of them" in err and f"the run's slices: gflops-{gflops:g}, params-" in err
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    config = json.loads((run / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps({**config, "method": "dense"}))
+    assert "is a dense run (method dense): it has no experts to slice" in refusal(
+        ["slice", dense, "--budget-gflops", "1"], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "is not a run directory" in refusal(["slice", tmp_path / "empty", "--budget-gflops", "1"], capsys)
+    assert "--budget-ms is not built yet" in refusal(["slice", run, "--budget-ms", "5"], capsys)
+    assert "needs a budget" in refusal(["slice", run], capsys)
+    assert "--name small names one slice, but 2 budgets" in refusal(
+        ["slice", run, "--budget-gflops", "1", "2", "--name", "small"], capsys)
+    assert "would read as ks" in refusal(["slice", run, "--budget-gflops", "1", "--name", "2/2"], capsys)
+    without = tmp_path / "no-slices"
+    shutil.copytree(run, without)
+    (without / "slices.json").unlink()
+    assert "none yet: `smoe slice RUN` names them" in refusal(["eval", without, "--k", "small"], capsys)
