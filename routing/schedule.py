@@ -2,7 +2,9 @@
 
 SMoE-Dropout grows k during training. The schedule never runs inside ``forward``:
 the training loop evaluates ``schedule(step)`` before each optimizer step and sets the
-result on every MoE layer, so k can be plotted, tested and restored from the step alone.
+result on every MoE layer (or, with ``k_sampling=per-layer``, each layer's own draw from
+``k_min..schedule(step)``, :meth:`TopKSchedule.layer_ks`), so k can be plotted, tested and
+restored from the step alone.
 
 A run's schedules (k here, the lr in ``launcher/training/lr.py``) are planned over its
 first ``max_steps``; :class:`StepPlan` maps the steps trained onto that plan when a resume
@@ -12,6 +14,7 @@ changed where the run ends.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass
 
 KINDS = ("linear", "constant", "step")
@@ -147,6 +150,12 @@ class TopKSchedule:
             return min(max(k, self.k_min), self.k_max)
         return [k for first, k in self.milestones if first <= step][-1]
 
+    def layer_ks(self, step: int, layers: int, seed: int) -> list[int]:
+        """Per-layer random k (``k_sampling=per-layer``): each of ``layers`` MoE layers' own k at ``step``,
+        drawn uniformly from ``k_min`` to the schedule's k, so the schedule still bounds every layer's
+        cost and the range widens as it grows (:func:`draw_layer_ks`)."""
+        return draw_layer_ks(seed, step, layers, self.k_min, self(step))
+
     def values(self) -> list[int]:
         """Every k the schedule takes, smallest first."""
         if self.kind == "step":
@@ -162,3 +171,14 @@ class TopKSchedule:
         for key in ("milestones", "earlier"):
             state[key] = tuple(tuple(m) for m in state.get(key, ()))
         return cls(**state)
+
+
+def draw_layer_ks(seed: int, step: int, layers: int, k_low: int, k_high: int) -> list[int]:
+    """``layers`` ks, each uniform on ``k_low..k_high``, a pure function of its arguments: a resumed run
+    draws the ks of the uninterrupted one, and every rank the same ones (expert-parallel ranks must
+    agree), with no generator state to save or share and the global RNG untouched. Python's string
+    seeding and ``random()`` are the stream the standard library promises to keep across versions."""
+    if not 1 <= k_low <= k_high:
+        raise ValueError(f"draw_layer_ks: the range {k_low}..{k_high} needs 1 <= k_low <= k_high")
+    generator = random.Random(f"per-layer k: seed {seed}, step {step}")
+    return [k_low + int(generator.random() * (k_high - k_low + 1)) for _ in range(layers)]

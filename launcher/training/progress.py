@@ -42,7 +42,7 @@ class Window:
         if not math.isfinite(stats["ce"]):  # an fp16 overflow DeepSpeed skipped: not part of the means
             return
         self.finite_steps += 1
-        for key in ("ce", "aux", "grad_norm", "consistency"):
+        for key in ("ce", "aux", "grad_norm", "consistency", "mean_layer_k"):
             if stats[key] is not None:
                 self.sums[key] = self.sums.get(key, 0.0) + stats[key]
         layer_counts = [c for c in stats["counts"] if c is not None]

@@ -5,12 +5,13 @@
     smoe train --preset bert-tiny --data-files ../shared/data/books --out runs/bert-tiny
     deepspeed --num_gpus 2 $(which smoe) train --preset tiny --data-file F --out runs/ep2 ep_size=2
 
-Every step: k = schedule(step) is set on every MoE layer, the family gives the step's
-micro-batches (Transformer-XL: one segment per stream, memory carried over and reset when
-the data wraps; masked-LM: a shuffled batch of masked blocks), loss = cross-entropy + the
-layers' aux losses (+ THOR's consistency term), DeepSpeed's backward, clip, step. The run
-directory holds ``config.json``, ``checkpoints/``, TensorBoard events in ``tb/`` and, at
-the end, ``eval.json`` with the sweep by k.
+Every step: k = schedule(step) is set on every MoE layer (``k_sampling=per-layer``: each layer
+its own draw from k_min..k), the family gives the step's micro-batches (Transformer-XL: one
+segment per stream, memory carried over and reset when the data wraps; masked-LM: a shuffled
+batch of masked blocks), loss = cross-entropy + the layers' aux losses (+ THOR's consistency
+term), DeepSpeed's backward, clip, step. The run directory holds ``config.json``,
+``checkpoints/``, TensorBoard events in ``tb/`` and, at the end, ``eval.json`` with the sweep
+by k.
 """
 
 from __future__ import annotations
@@ -189,7 +190,10 @@ class Trainer:
         """One optimizer step. Losses and expert counts stay on the device; the one host sync is
         the read-back of the all-reduced losses and stop flag."""
         k = self.schedule(self.step)
-        set_top_k(self.engine.module, k)
+        layers = len(self.moe_layers)
+        layer_ks = (self.schedule.layer_ks(self.step, layers, self.config.seed)
+                    if self.config.k_sampling == "per-layer" else [k] * layers)
+        set_top_k(self.engine.module, layer_ks)
         sums = torch.zeros(3, device=self.device)  # ce, aux, THOR consistency: summed over micro-batches
         counts, states = None, []
         for micro, (micro_batch, state) in enumerate(self.family.micro_batches(self.train_stream, self.mems)):
@@ -222,7 +226,8 @@ class Trainer:
         elif self.optimizer_wrapped:
             grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
-        return {"k": k, "ce": ce, "aux": aux, "counts": counts, "stop": stop > 0,
+        return {"k": k, "layer_ks": layer_ks, "mean_layer_k": sum(layer_ks) / layers if layers else None,
+                "ce": ce, "aux": aux, "counts": counts, "stop": stop > 0,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "consistency": consistency if self.two_passes else None}
 
@@ -291,8 +296,10 @@ class Trainer:
                   ("train/tokens_per_s", tokens_per_s, self.step),
                   ("train/step_time_s", step_time, self.step),
                   ("train/peak_memory_mb", peak_memory_mb(self.device), self.step)]
-        if self.moe_layers:
-            events.append(("moe/top_k", window.last["k"], self.step))
+        if self.moe_layers:  # the schedule's k, the mean k the layers ran (per-layer k: drawn), each layer's last
+            events += [("moe/top_k", window.last["k"], self.step),
+                       ("moe/mean_layer_k", window.mean("mean_layer_k"), self.step)]
+            events += [(f"moe/layer{layer}/top_k", k, self.step) for layer, k in enumerate(window.last["layer_ks"])]
         if window.last["grad_norm"] is not None:
             events.append(("train/grad_norm", window.mean("grad_norm"), self.step))
         if window.last["consistency"] is not None:
@@ -312,6 +319,9 @@ class Trainer:
                  f"{tokens_per_s:,.0f} tok/s | {step_time:.3f} s/step | ETA {eta}")
 
     def _validate(self) -> None:
+        """The validation split at the schedule's k on every layer (the one logged), whatever the layers ran."""
+        if self.moe_layers:
+            set_top_k(self.engine.module, self.schedule(self.step))
         loss = self._eval_loss("valid", self.config.eval_segments)
         if self.rank == 0:
             self.engine.monitor.write_events([("val/loss", loss, self.step), ("val/bpc", loss / LN2, self.step),

@@ -1,7 +1,11 @@
+import random
+from collections import Counter
+
 import pytest
+import torch
 
 from smoe.routing import TopKSchedule
-from smoe.routing.schedule import StepPlan
+from smoe.routing.schedule import StepPlan, draw_layer_ks
 
 
 def test_linear_follows_the_paper_formula_at_start_middle_and_end():
@@ -100,3 +104,33 @@ def test_plans_compose_over_several_resumes_and_restore_from_state():
 def test_plans_that_do_not_fit_are_refused(build, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build()
+
+
+def test_per_layer_draws_are_a_pure_function_of_seed_step_and_range():
+    """The same (seed, step, layers, range) gives the same ks: no state to checkpoint, and every rank agrees."""
+    torch_state, random_state = torch.get_rng_state(), random.getstate()
+    draws = [draw_layer_ks(1111, step, 6, 2, 5) for step in range(2000)]
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == random_state  # untouched
+    assert draws == [draw_layer_ks(1111, step, 6, 2, 5) for step in range(2000)]
+    assert draws[0] != draws[1] and draws[0] != draw_layer_ks(1112, 0, 6, 2, 5)
+    assert any(len(set(ks)) > 1 for ks in draws)  # layers differ within a step
+    assert draw_layer_ks(1111, 7, 3, 2, 5) == draw_layer_ks(1111, 7, 6, 2, 5)[:3]  # layer i: the i-th draw
+    counts = Counter(k for ks in draws for k in ks)
+    assert sorted(counts) == [2, 3, 4, 5] and all(abs(n / 12_000 - 0.25) < 0.02 for n in counts.values())
+    assert draw_layer_ks(1111, 3, 4, 3, 3) == [3, 3, 3, 3]
+
+
+def test_layer_ks_draw_up_to_the_schedules_k():
+    """Per-layer k's range is k_min..schedule(step): it widens as the schedule grows, and no layer runs
+    more experts than the global schedule would."""
+    schedule = TopKSchedule.linear(2, 8, 100)
+    for step in range(0, 120, 3):
+        ks = schedule.layer_ks(step, 12, seed=5)
+        assert ks == draw_layer_ks(5, step, 12, 2, schedule(step)) and max(ks) <= schedule(step)
+    assert schedule.layer_ks(0, 4, seed=5) == [2, 2, 2, 2]
+    assert max(k for step in range(90, 120) for k in schedule.layer_ks(step, 12, seed=5)) == 8
+
+
+def test_an_empty_range_is_refused():
+    with pytest.raises(ValueError, match="the range 3..2 needs 1 <= k_low <= k_high"):
+        draw_layer_ks(0, 0, 2, 3, 2)
