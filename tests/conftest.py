@@ -7,7 +7,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
-from runs import SMALL_MLM, smoe, train
+from runs import BOOKS_VOCAB, SMALL_MLM, decoder_config, smoe, train
 
 pytest_plugins = ["slurm_cluster"]  # the `slurm` fixture: a real one-node Slurm on localhost
 
@@ -42,24 +42,20 @@ def books(tmp_path_factory):
     return root
 
 
-# The tiny Llama the causal-LM tests share (random weights, a tokenizer trained on `books`).
-LLAMA = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
-
-
 @pytest.fixture(scope="session")
 def llama_dirs(books, tmp_path_factory):
-    """A dense tiny Llama with a tokenizer trained on `books`, and it upcycled to 4 experts."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """The causal-LM tests' tiny Llama (2 layers, random weights) with a tokenizer trained on `books`,
+    dense and upcycled to 4 experts."""
+    from transformers import AutoModelForCausalLM
 
     from smoe.data.mlm import train_tokenizer
     from smoe.model.decoder import Upcycling, save_upcycled, upcycle
 
     root = tmp_path_factory.mktemp("llama")
     lines = [line for file in sorted(books.glob("*.txt")) for line in file.read_text().splitlines() if line.strip()]
-    tokenizer = train_tokenizer(lines, "causal-lm", LLAMA["vocab_size"])
+    tokenizer = train_tokenizer(lines, "causal-lm", BOOKS_VOCAB)
     torch.manual_seed(0)
-    dense = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA))
+    dense = AutoModelForCausalLM.from_config(decoder_config("llama", 2, vocab_size=BOOKS_VOCAB))
     dense.save_pretrained(root / "dense")
     tokenizer.save_pretrained(root / "dense")
     save_upcycled(upcycle(dense, 4), Upcycling(4), root / "upcycled")

@@ -27,6 +27,7 @@ CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 # The tiny random-weight decoder LMs of the upcycling and export tests: every architecture upcycling takes.
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 DECODER_VOCAB, DECODER_HIDDEN, DECODER_INTERMEDIATE = 101, 32, 64
+BOOKS_VOCAB = 300  # the causal-LM tests' tiny Llama: a tokenizer trained on the `books` fixture
 
 
 def decoder_config(architecture: str, layers: int = 3, **extra):
@@ -40,7 +41,7 @@ def decoder_config(architecture: str, layers: int = 3, **extra):
         fields = dict(hidden_size=DECODER_HIDDEN, intermediate_size=DECODER_INTERMEDIATE, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       **({"head_dim": 8} if architecture == "qwen3" else {}))
-    return CONFIG_MAPPING[architecture](vocab_size=DECODER_VOCAB, **{**fields, **extra})
+    return CONFIG_MAPPING[architecture](**{"vocab_size": DECODER_VOCAB, **fields, **extra})
 
 
 def run(command: list, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -69,5 +70,5 @@ def train(out, corpus, *args, ranks: int = 1) -> subprocess.CompletedProcess:
                 *command])
 
 
-__all__ = ["CPU_ENV", "DECODERS", "DECODER_HIDDEN", "DECODER_INTERMEDIATE", "DECODER_VOCAB", "DETERMINISTIC", "REPO",
+__all__ = ["BOOKS_VOCAB", "CPU_ENV", "DECODERS", "DECODER_HIDDEN", "DECODER_INTERMEDIATE", "DECODER_VOCAB", "DETERMINISTIC", "REPO",
            "SMALL", "SMALL_MLM", "decoder_config", "run", "scalars", "smoe", "train"]

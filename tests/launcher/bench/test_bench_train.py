@@ -8,8 +8,7 @@ import pytest
 from smoe.launcher.bench.train import criterion, dense_mlp, format_criterion, schedule_weights
 from smoe.launcher.config import build_config
 
-from conftest import LLAMA
-from runs import SMALL, smoe
+from runs import BOOKS_VOCAB, DECODER_HIDDEN, DECODER_INTERMEDIATE, SMALL, decoder_config, smoe
 
 # The tiny upcycled Llama's runs: its shape comes from the directories, the data's blocks from here.
 CAUSAL = ["block_size=16", "batch_size=8", "eval_batch_size=4", "eval_segments=1", "dispatch=sorted"]
@@ -86,7 +85,7 @@ def test_the_mlp_share_is_timed_on_the_models_own_mlp(llama_dirs):
     the presets' Transformer-XL keeps its ReLU MLP with biases."""
     mlp = dense_mlp(build_config("causal-lm", {"init": str(llama_dirs / "upcycled"), "block_size": 16}))
     assert (mlp.activation_name, mlp.gated, mlp.has_bias) == ("silu", True, False)
-    assert (mlp.fc1.in_features, mlp.d_ff) == (LLAMA["hidden_size"], LLAMA["intermediate_size"])
+    assert (mlp.fc1.in_features, mlp.d_ff) == (DECODER_HIDDEN, DECODER_INTERMEDIATE)
     plain = dense_mlp(build_config("tiny"))
     assert (plain.activation_name, plain.gated, plain.has_bias) == ("relu", False, True)
 
@@ -103,9 +102,7 @@ def test_the_mlp_share_is_timed_on_the_models_own_mlp(llama_dirs):
      "k_max (8) is larger than the number of experts (4)"),
 ])
 def test_what_cannot_be_compared_is_refused_before_anything_runs(books, llama_dirs, tmp_path, args, message):
-    from transformers import LlamaConfig
-
-    LlamaConfig(**{**LLAMA, "intermediate_size": 128}).save_pretrained(tmp_path / "wider")
+    decoder_config("llama", 2, vocab_size=BOOKS_VOCAB, intermediate_size=128).save_pretrained(tmp_path / "wider")
     paths = {"dense": llama_dirs / "dense", "upcycled": llama_dirs / "upcycled", "wider": tmp_path / "wider"}
     result = smoe("bench", "train", "--data-files", books, "--out", tmp_path / "runs",
                   *[str(a).format(**paths) for a in args], *CAUSAL, check=False)

@@ -11,10 +11,9 @@ import torch
 
 from smoe.launcher.runtime.distributed import free_port
 
-from conftest import LLAMA
-from runs import run, scalars, smoe
+from runs import BOOKS_VOCAB, run, scalars, smoe
 
-VOCAB = LLAMA["vocab_size"]
+VOCAB = BOOKS_VOCAB
 CAUSAL = ["block_size=16", "batch_size=8", "eval_batch_size=4", "log_every=1", "eval_every=100", "save_every=100",
           "eval_segments=2", "warmup_steps=2", "max_steps=8", "dispatch=sorted"]
 
