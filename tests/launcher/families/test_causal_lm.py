@@ -101,10 +101,14 @@ def test_a_llama_trains_from_scratch_with_a_tokenizer_trained_on_the_text(books,
     (["--preset", "causal-lm"], "takes its model from --init"),
     (["--preset", "tiny", "--init", "{upcycled}"], "preset tiny trains another model"),
 ])
-def test_what_cannot_train_is_refused_before_anything_is_written(books, llama_dirs, tmp_path, args, message):
+def test_what_cannot_train_is_refused_before_anything_is_written(books, llama_dirs, tmp_path, capsys, args, message):
+    """In this process: each is refused while the config is built, before any process group."""
+    from smoe.launcher.cli import main
+
     paths = {"dense": llama_dirs / "dense", "upcycled": llama_dirs / "upcycled", "missing": tmp_path / "none"}
-    result = train(books, tmp_path / "run", *[a.format(**paths) for a in args], check=False)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    argv = ["train", "--data-files", books, "--out", tmp_path / "run", *CAUSAL, *[a.format(**paths) for a in args]]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
