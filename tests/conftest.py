@@ -7,7 +7,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
-from runs import BOOKS_VOCAB, SMALL_MLM, decoder_config, smoe, train
+from runs import BOOKS_VOCAB, MLM, WORDS, decoder_config, smoe, train
 
 pytest_plugins = ["slurm_cluster"]  # the `slurm` fixture: a real one-node Slurm on localhost
 
@@ -21,9 +21,6 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_bytes(b"".join(words[i] for i in picks)[:40_000])
     return path
-
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven old wizards quietly brew potions".split()
 
 
 @pytest.fixture(scope="session")
@@ -89,11 +86,6 @@ def layout_runs(corpus, tmp_path_factory):
     shutil.copytree(root / "ep1", root / "ep1-at-6")
     train(root / "ep1", corpus, "--resume")
     return root
-
-
-# The tiny BERT masked-LM run the downstream tests share (books, 4 steps).
-MLM = [*SMALL_MLM, "batch_size=8", "eval_ks=4", "log_every=1", "eval_every=100", "save_every=100", "eval_segments=1",
-       "max_steps=4"]
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,11 @@ SMALL = ["n_layer=2", "d_model=32", "n_head=2", "d_head=16", "d_ff=64", "num_exp
 SMALL_MLM = ["n_layer=2", "d_model=32", "n_head=2", "d_ff=64", "num_experts=4", "k_min=1", "k_max=4", "k_fixed=2",
              "vocab_size=300", "block_size=16", "max_positions=32", "eval_batch_size=4", "dispatch=sorted"]
 
+# The words of the `books` and `sst2` fixtures' text, and the BERT run the downstream tests share (4 steps on books).
+WORDS = "the quick brown fox jumps over a lazy dog while seven old wizards quietly brew potions".split()
+MLM = [*SMALL_MLM, "batch_size=8", "eval_ks=4", "log_every=1", "eval_every=100", "save_every=100", "eval_segments=1",
+       "max_steps=4"]
+
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 # The tiny random-weight decoder LMs of the upcycling and export tests: every architecture upcycling takes.
@@ -70,5 +75,6 @@ def train(out, corpus, *args, ranks: int = 1) -> subprocess.CompletedProcess:
                 *command])
 
 
-__all__ = ["BOOKS_VOCAB", "CPU_ENV", "DECODERS", "DECODER_HIDDEN", "DECODER_INTERMEDIATE", "DECODER_VOCAB", "DETERMINISTIC", "REPO",
-           "SMALL", "SMALL_MLM", "decoder_config", "run", "scalars", "smoe", "train"]
+__all__ = ["BOOKS_VOCAB", "CPU_ENV", "DECODERS", "DECODER_HIDDEN", "DECODER_INTERMEDIATE", "DECODER_VOCAB",
+           "DETERMINISTIC", "MLM", "REPO", "SMALL", "SMALL_MLM", "WORDS", "decoder_config", "run", "scalars", "smoe",
+           "train"]

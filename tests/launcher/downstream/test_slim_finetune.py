@@ -13,7 +13,7 @@ import smoe.model.bert  # noqa: F401  (registers smoe-bert with transformers' Au
 from smoe.model import MoEConfig, SMoE
 from smoe.model.slim import keep_experts, most_used
 
-from conftest import MLM
+from runs import MLM
 from runs import smoe
 
 LAYER = MoEConfig(d_model=16, d_ff=128, num_experts=8, k=8, dropout=0.0, vocab_size=50, seed=3)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import WORDS
+from runs import WORDS
 from runs import smoe
 
 FAST = ["--lr", "3e-3", "--batch-size", "16", "--epochs", "3"]

@@ -200,7 +200,7 @@ def test_a_malformed_parameter_count_says_how_to_write_one(text):
 
 
 def test_params_works_for_bert_runs_too(tmp_path, capsys):
-    from conftest import WORDS
+    from runs import WORDS
 
     from smoe.data.mlm import train_tokenizer
     from smoe.launcher.downstream.slim import budget_for_params
