@@ -64,3 +64,29 @@ def bare_results(bare_python: Path, cases: Path) -> dict:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["importable"] == {"smoe": False, "deepspeed": False, "datasets": False}
     return report["cases"]
+
+
+def export_cases(root: Path, cases: dict, export_in_memory, fields: dict) -> Path:
+    """Each case (name -> (architecture, upcycle's keywords, config extras, through the CLI from an
+    upcycled directory with a tokenizer)) exported, by `smoe export UPCYCLED_DIR` or by
+    ``export_in_memory(model, out, top_k)``, with what smoe gives at every k; ``root/cases.json``
+    lists them (with ``fields``) for :func:`bare_results`."""
+    from smoe.launcher.cli import main
+    from smoe.model.decoder import Upcycling, save_upcycled
+
+    listed = {}
+    for name, (architecture, upcycling, extra, from_directory) in cases.items():
+        model = upcycled(architecture, upcycling, **extra)
+        out = root / name
+        if from_directory:
+            source = root / f"{name}-upcycled"
+            save_upcycled(model, Upcycling(EXPERTS, **upcycling), source)
+            save_tokenizer(source)
+            assert main(["export", str(source), str(out)]) == 0
+        else:
+            export_in_memory(model, out, upcycling.get("top_k"))
+        torch.save(expected(model), root / f"{name}.pt")
+        listed[name] = {"dir": str(out), "expected": str(root / f"{name}.pt"), **fields,
+                        **({"text": TEXT} if from_directory else {})}
+    (root / "cases.json").write_text(json.dumps(listed))
+    return root

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from decoders import EXPERTS, HIDDEN, INTERMEDIATE, TEXT, TOLERANCE, bare_results, expected, save_tokenizer, upcycled
+from decoders import EXPERTS, HIDDEN, INTERMEDIATE, TOLERANCE, bare_results, export_cases, upcycled
 from safetensors import safe_open
 
 from smoe.launcher.cli import main
@@ -31,23 +31,8 @@ NATIVE = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen3
 @pytest.fixture(scope="session")
 def native_exports(tmp_path_factory) -> Path:
     """Each case exported (through the CLI from an upcycled directory, or in memory), with what smoe gives."""
-    root = tmp_path_factory.mktemp("native")
-    cases = {}
-    for name, (architecture, upcycling, extra, from_directory) in CASES.items():
-        model = upcycled(architecture, upcycling, **extra)
-        out = root / name
-        if from_directory:
-            source = root / f"{name}-upcycled"
-            save_upcycled(model, Upcycling(EXPERTS, **upcycling), source)
-            save_tokenizer(source)
-            assert main(["export", str(source), str(out)]) == 0
-        else:
-            native_export(model, out, top_k=upcycling.get("top_k"))
-        torch.save(expected(model), root / f"{name}.pt")
-        cases[name] = {"dir": str(out), "native": True, "expected": str(root / f"{name}.pt"),
-                       **({"text": TEXT} if from_directory else {})}
-    (root / "cases.json").write_text(json.dumps(cases))
-    return root
+    return export_cases(tmp_path_factory.mktemp("native"), CASES,
+                        lambda model, out, top_k: native_export(model, out, top_k=top_k), {"native": True})
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from decoders import EXPERTS, HIDDEN, INTERMEDIATE, TEXT, TOLERANCE, bare_results, expected, save_tokenizer, upcycled
+from decoders import EXPERTS, HIDDEN, INTERMEDIATE, TOLERANCE, bare_results, export_cases, upcycled
 from safetensors import safe_open
 
 from smoe.launcher.cli import main
@@ -18,36 +18,25 @@ from smoe.launcher.export.native import export_decoder
 from smoe.model.decoder import Upcycling, save_upcycled
 from smoe.model.moe import top_k_of
 
-# name -> (architecture, upcycle's keywords, through `smoe export UPCYCLED_DIR` with a tokenizer)
+# name -> (architecture, upcycle's keywords, config extras, through `smoe export UPCYCLED_DIR` with a tokenizer)
 CASES = {
-    "gpt2-every-2": ("gpt2", {"moe_layers": "every-2"}, True),
-    "gpt2": ("gpt2", {"combine_scale": 1.0}, False),
-    "qwen2-every-2": ("qwen2", {"moe_layers": "every-2", "method": "smoe-learned", "top_k": 2}, False),
-    "llama-every-2": ("llama", {"moe_layers": "every-2"}, True),
+    "gpt2-every-2": ("gpt2", {"moe_layers": "every-2"}, {}, True),
+    "gpt2": ("gpt2", {"combine_scale": 1.0}, {}, False),
+    "qwen2-every-2": ("qwen2", {"moe_layers": "every-2", "method": "smoe-learned", "top_k": 2}, {}, False),
+    "llama-every-2": ("llama", {"moe_layers": "every-2"}, {}, True),
 }
 CLASSES = {"gpt2": "SMoEGPT2LMHeadModel", "qwen2": "SMoEQwen2ForCausalLM", "llama": "SMoELlamaForCausalLM"}
+
+
+def export_remote(model, out, top_k) -> None:
+    assert export_decoder(model, out, top_k=top_k)["remote"]
 
 
 @pytest.fixture(scope="session")
 def remote_exports(tmp_path_factory) -> Path:
     """Each case exported (through the CLI from an upcycled directory, or in memory), with what smoe gives."""
-    root = tmp_path_factory.mktemp("remote")
-    cases = {}
-    for name, (architecture, upcycling, from_directory) in CASES.items():
-        model = upcycled(architecture, upcycling)
-        out = root / name
-        if from_directory:
-            source = root / f"{name}-upcycled"
-            save_upcycled(model, Upcycling(EXPERTS, **upcycling), source)
-            save_tokenizer(source)
-            assert main(["export", str(source), str(out)]) == 0
-        else:
-            assert export_decoder(model, out, top_k=upcycling.get("top_k"))["remote"]
-        torch.save(expected(model), root / f"{name}.pt")
-        cases[name] = {"dir": str(out), "auto_class": "AutoModelForCausalLM", "expected": str(root / f"{name}.pt"),
-                       "segments": False, **({"text": TEXT} if from_directory else {})}
-    (root / "cases.json").write_text(json.dumps(cases))
-    return root
+    return export_cases(tmp_path_factory.mktemp("remote"), CASES, export_remote,
+                        {"auto_class": "AutoModelForCausalLM", "segments": False})
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +46,7 @@ def remote_results(remote_exports, bare_python) -> dict:
 
 @pytest.mark.parametrize("name", CASES)
 def test_the_remote_export_loads_at_any_k_with_smoes_logits_and_tokens(remote_exports, remote_results, name):
-    case, (architecture, upcycling, _) = remote_results[name], CASES[name]
+    case, (architecture, upcycling, _, _) = remote_results[name], CASES[name]
     want = torch.load(remote_exports / f"{name}.pt")
     assert case["class"] == CLASSES[architecture]
     assert case["loaded_k"] == 1 and case["router_ks"] == [1]  # from_pretrained(num_experts_per_tok=1)
