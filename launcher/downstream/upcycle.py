@@ -20,10 +20,7 @@ an OUT that exists is refused, never overwritten.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +31,7 @@ from torch import nn
 from smoe.data.mlm import TOKENIZER_FILES
 from smoe.launcher.config import DEFAULT_COMBINE_SCALE
 from smoe.launcher.runtime import log
+from smoe.launcher.runtime.files import atomic_directory
 from smoe.model.split import SPLITS
 
 EXACT_TOLERANCE = 1e-4  # max relative logit difference at k = N, fp32 (measured ~3e-7)
@@ -149,9 +147,7 @@ def run(args) -> None:
     dense = load_dense(getattr(transformers, family.auto_class), args.model, config)
     model = family.upcycle(dense, args)
     counts = parameter_counts(dense, model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         family.save(model, args, staging)
         del model
         extras = copy_extras(args.model, staging)
@@ -160,11 +156,6 @@ def run(args) -> None:
             raise ValueError(f"the upcycled model at k = N differs from the dense one by {difference:.1e} (relative "
                              f"logits; at most {EXACT_TOLERANCE:g} expected): nothing was written; please report "
                              "this with the model's config.json")
-        if out.exists():
-            raise ValueError(f"{out} appeared while upcycling: smoe upcycle never overwrites; pass a new directory")
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     biases = f"; expert output biases: {counts['expert_biases']:,}" if counts["expert_biases"] else ""
     log.info(f"upcycled {config.model_type}: {args.num_experts} experts in {counts['moe_layers']} of "
              f"{config.num_hidden_layers} layers ({args.method}, moe_layers={args.moe_layers}, split={args.split}, "

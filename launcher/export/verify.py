@@ -4,12 +4,11 @@ with transformers and compared with smoe's logits at every k (fp32), then rename
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from smoe.launcher.runtime.files import atomic_directory
 
 TOLERANCE = 1e-5  # fp32: the largest difference from smoe's logits, relative to their largest magnitude
 CHECK_LENGTH = 32  # tokens per row of the comparison
@@ -48,12 +47,5 @@ def staged(out: Path):
     """A temporary directory beside ``out``, renamed to ``out`` when the block ends without error and
     removed otherwise: a failed export leaves nothing behind."""
     refuse_existing(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{out.name}_partial_", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         yield staging
-        if out.exists():
-            out.rmdir()  # empty: checked before anything was written
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -44,3 +44,25 @@ def atomic_output(path: Path):
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path):
+    """For writers of a whole directory (`smoe upcycle`, `smoe export`): yields a temporary directory
+    beside ``out``, renamed to ``out`` when the block ends without error (an empty ``out`` is replaced;
+    one that gained files meanwhile is never overwritten) and removed otherwise."""
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif out.exists():
+            raise ValueError(f"{out} appeared while it was being written: nothing is overwritten; pass a new directory")
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
