@@ -13,6 +13,7 @@ learned projection, or a hash table), and the layer combines as it trained
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,7 @@ class SlimmableFields(PretrainedConfig):
     router_options: dict | None = None
     expert_layers: list | None = None  # the layers with experts (the others keep a dense MLP); None: every layer
     combine_scale: float = 1.0  # each chosen expert's weight is the router's times this
+    layer_top_k: list | None = None  # a slice: one k per expert layer, in place of num_experts_per_tok's one
 
 
 def check_top_k(config, k: int) -> None:
@@ -51,13 +53,33 @@ def check_top_k(config, k: int) -> None:
                          f"({config.num_experts})")
 
 
-def expert_mixture(config, d_model: int, width: int, activation: str, gated: bool = False, bias: bool = True,
-                   output_bias: bool | None = None) -> ExpertMixture:
-    """An :class:`ExpertMixture` of ``num_experts`` experts of ``width`` hidden units at k =
-    ``num_experts_per_tok``, behind the config's router. Weights are placeholders until the saved ones are loaded."""
+def layer_top_ks(config, k: int | Sequence[int], layers: int) -> list[int]:
+    """The k of each of the ``layers`` expert layers from one k or one per layer (a slice); refused: a
+    list of the wrong length, a k outside 1..num_experts."""
+    if isinstance(k, int):
+        check_top_k(config, k)
+    ks = [k] * layers if isinstance(k, int) else [int(layer_k) for layer_k in k]
+    if len(ks) != layers:
+        raise ValueError(f"{len(ks)} ks ({ks}) for a model with {layers} expert layers: give one k, or one per "
+                         "expert layer")
+    for layer_k in ks:
+        check_top_k(config, layer_k)
+    return ks
+
+
+def configured_top_ks(config, layers: int) -> list[int]:
+    """The ks the config loads at: ``layer_top_k`` where it is set, else ``num_experts_per_tok`` everywhere."""
+    return layer_top_ks(config, config.num_experts_per_tok if config.layer_top_k is None else config.layer_top_k,
+                        layers)
+
+
+def expert_mixture(config, d_model: int, width: int, activation: str, top_k: int, gated: bool = False,
+                   bias: bool = True, output_bias: bool | None = None) -> ExpertMixture:
+    """An :class:`ExpertMixture` of ``num_experts`` experts of ``width`` hidden units at k = ``top_k``, behind
+    the config's router. Weights are placeholders until the saved ones are loaded."""
     n = config.num_experts
     router = build_router(config.router, RouterOptions(**(config.router_options or {})), d_model=d_model,
-                          num_experts=n, k=config.num_experts_per_tok, seed=0, vocab_size=config.vocab_size)
+                          num_experts=n, k=top_k, seed=0, vocab_size=config.vocab_size)
     experts = [MLP(d_model, width, activation, gated=gated, bias=bias, output_bias=output_bias) for _ in range(n)]
     return ExpertMixture(router, experts, config.combine_scale)
 
@@ -65,32 +87,34 @@ def expert_mixture(config, d_model: int, width: int, activation: str, gated: boo
 def block_factory(config, d_model: int, d_ff: int, activation: str, n_layer: int) -> Callable[[int], nn.Module]:
     """``make_ffn(layer)``: an :func:`expert_mixture` cut from a ``d_ff``-wide MLP in the expert
     layers, a dense MLP elsewhere."""
-    experts = set(range(n_layer) if config.expert_layers is None else config.expert_layers)
-    if experts:
-        check_top_k(config, config.num_experts_per_tok)
+    experts = sorted(range(n_layer) if config.expert_layers is None else config.expert_layers)
+    top_ks = dict(zip(experts, configured_top_ks(config, len(experts)))) if experts else {}
 
     def make_ffn(layer: int) -> nn.Module:
-        if layer not in experts:
+        if layer not in top_ks:
             return PlainFeedForward(MLP(d_model, d_ff, activation))
-        return expert_mixture(config, d_model, d_ff // config.num_experts, activation)
+        return expert_mixture(config, d_model, d_ff // config.num_experts, activation, top_ks[layer])
 
     return make_ffn
 
 
 class SelfSlimming:
-    """``set_top_k(k)``: every expert layer to k experts per token, kept in the config (so
-    ``save_pretrained`` keeps it)."""
+    """``set_top_k(k)``: every expert layer to k experts per token, or ``set_top_k([k0, k1, ...])``: each expert
+    layer to its own (a slice of ``slices.json``), kept in the config (so ``save_pretrained`` keeps it)."""
 
     @property
-    def top_k(self) -> int:
-        return self.config.num_experts_per_tok
+    def top_k(self) -> int | list[int]:
+        return self.config.num_experts_per_tok if self.config.layer_top_k is None else list(self.config.layer_top_k)
 
-    def set_top_k(self, k: int) -> None:
-        check_top_k(self.config, k)
-        for module in self.modules():
-            if isinstance(module, ExpertMixture):
-                module.set_top_k(k)
-        self.config.num_experts_per_tok = int(k)
+    def set_top_k(self, k: int | Sequence[int]) -> None:
+        mixtures = [module for module in self.modules() if isinstance(module, ExpertMixture)]
+        ks = layer_top_ks(self.config, k, len(mixtures))
+        for mixture, layer_k in zip(mixtures, ks):
+            mixture.set_top_k(layer_k)
+        if isinstance(k, int):
+            self.config.num_experts_per_tok, self.config.layer_top_k = int(k), None
+        else:
+            self.config.layer_top_k = ks
 
 
 # --- Transformer-XL -------------------------------------------------------------------------------
@@ -223,11 +247,11 @@ def install_mixture_mlps(model: nn.Module) -> None:
     """The ``mlp`` of each layer in ``expert_layers`` as a :class:`MixtureMLP`; the others keep the dense one."""
     config = model.config
     layers = decoder_layers(model)
-    check_top_k(config, config.num_experts_per_tok)
-    for index in range(len(layers)) if config.expert_layers is None else config.expert_layers:
+    experts = range(len(layers)) if config.expert_layers is None else sorted(config.expert_layers)
+    for index, top_k in zip(experts, configured_top_ks(config, len(experts))):
         layer = layers[index]
         moe = expert_mixture(config, config.hidden_size, config.moe_intermediate_size, config.expert_activation,
-                             config.gated_experts, config.expert_bias, output_bias=False)
+                             top_k, config.gated_experts, config.expert_bias, output_bias=False)
         layer.mlp = MixtureMLP(moe, config.hidden_size, config.output_bias,
                                getattr(layer.mlp, "dropout", nn.Identity()))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,18 +98,18 @@ def max_tokens(config) -> int:
     return config.max_position_embeddings - offset
 
 
-def _timed(model, inputs: dict, repeats: int) -> float:
-    """Median seconds of one forward (after a warm-up). On a GPU the model's own device is
+@torch.no_grad()
+def median_seconds(forward: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``forward()`` (after a warm-up). On a GPU the model's own ``device`` is
     synchronized: a bare ``torch.cuda.synchronize()`` waits for the current device, which need not
     be the model's (``--device cuda:1``), and would time the kernel launches only."""
-    device = model.device
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    model(**inputs)
+    forward()
     times = []
     for _ in range(repeats):
         synchronize()
         start = time.perf_counter()
-        model(**inputs)
+        forward()
         synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -127,7 +128,7 @@ def measure(model, ks: list[int], batches: list[int], length: int, repeats: int 
             for k in ks:
                 if k is not None:
                     model.set_top_k(k)
-                seconds = _timed(model, inputs, repeats)
+                seconds = median_seconds(lambda: model(**inputs), model.device, repeats)
                 rows.append(SpeedRow(k, batch, tokens, seconds * 1e3, tokens / seconds))
                 log.info(f"k {k or '-':>3} | batch {batch:>4} | {seconds * 1e3:9.2f} ms | "
                          f"{tokens / seconds:12,.0f} tokens/s")

@@ -6,7 +6,7 @@ full memory) on the sparse dispatch, so that they follow k as the paper reports.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import deepspeed.comm as dist
 import torch
@@ -90,17 +90,21 @@ def sparse_flops(model: nn.Module, forward) -> float:
 
 
 @torch.no_grad()
-def flops_per_token(model: nn.Module, seq_len: int, mem_len: int, vocab_size: int) -> float:
-    """Transformer-XL's forward FLOPs per token for one segment with full memory."""
-    train_mem_len = model.mem_len
-    model.mem_len = mem_len
+def segment_forward(model: nn.Module, seq_len: int, mem_len: int, vocab_size: int) -> Callable[[], object]:
+    """A Transformer-XL forward of one random segment after a full memory (made now, in eval mode)."""
+    train_mem_len, was_training = model.mem_len, model.training
     device = next(model.parameters()).device
+    model.mem_len = mem_len
+    model.eval()
     try:
-        was_training = model.training
-        model.eval()
         mems = model(torch.randint(vocab_size, (1, max(mem_len, 1)), device=device)).mems if mem_len else None
-        model.train(was_training)
-        inputs = torch.randint(vocab_size, (1, seq_len), device=device)
-        return sparse_flops(model, lambda: model(inputs, mems)) / seq_len
     finally:
         model.mem_len = train_mem_len
+        model.train(was_training)
+    inputs = torch.randint(vocab_size, (1, seq_len), device=device)
+    return lambda: model(inputs, mems)
+
+
+def flops_per_token(model: nn.Module, seq_len: int, mem_len: int, vocab_size: int) -> float:
+    """Transformer-XL's forward FLOPs per token for one segment with full memory."""
+    return sparse_flops(model, segment_forward(model, seq_len, mem_len, vocab_size)) / seq_len

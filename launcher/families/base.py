@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, NamedTuple, Protocol
+from typing import Callable, Iterable, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -51,3 +51,4 @@ class Family(Protocol):
     # evaluation
     def eval_loss(self, model: nn.Module, split: str, rank: int, world: int, device, max_batches: int = 0) -> float: ...
     def flops_per_token(self, model: nn.Module, device) -> float: ...
+    def example_forward(self, model: nn.Module, device) -> Callable[[], object]: ...  # batch 1, for latency

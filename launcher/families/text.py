@@ -6,6 +6,7 @@ Each family module adds its model (``build``) and its batches' collator."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -122,8 +123,12 @@ class TextData:
 
     def flops_per_token(self, model, device) -> float:
         """Forward FLOPs per token of one block."""
+        return sparse_flops(model, self.example_forward(model, device)) / self.config.block_size
+
+    def example_forward(self, model, device) -> Callable[[], object]:
+        """A forward of one random block."""
         ids = torch.randint(len(self.tokenizer), (1, self.config.block_size), device=device)
-        return sparse_flops(model, lambda: model(input_ids=ids)) / self.config.block_size
+        return lambda: model(input_ids=ids)
 
 
 class TextFamily:
@@ -219,3 +224,6 @@ class TextFamily:
 
     def flops_per_token(self, model: nn.Module, device) -> float:
         return self.data.flops_per_token(model, device)
+
+    def example_forward(self, model: nn.Module, device) -> Callable[[], object]:
+        return self.data.example_forward(model, device)

@@ -3,12 +3,14 @@ bits per character, memory carried from segment to segment."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from smoe.data import OrderedStream, check_fits, load_corpus
 from smoe.launcher.config import TrainConfig
-from smoe.launcher.evaluation.metrics import evaluate, flops_per_token
+from smoe.launcher.evaluation.metrics import evaluate, flops_per_token, segment_forward
 from smoe.launcher.families.base import Pass
 from smoe.model.feedforward import feedforward_factory
 from smoe.model.parallel import init_expert_parallel
@@ -105,3 +107,7 @@ class TransformerXLFamily:
     def flops_per_token(self, model: nn.Module, device) -> float:
         config = self.config
         return flops_per_token(model, config.eval_tgt_len, config.eval_mem_len, config.vocab_size)
+
+    def example_forward(self, model: nn.Module, device) -> Callable[[], object]:
+        config = self.config
+        return segment_forward(model, config.eval_tgt_len, config.eval_mem_len, config.vocab_size)

@@ -1,5 +1,5 @@
-"""The benchmarks time the model's own GPU, not the current one: `smoe bench infer` synchronizes the
-model's device, `smoe bench layer` and scripts/gpu_bench.py record their CUDA events on that device's
+"""The benchmarks time the model's own GPU, not the current one: `smoe bench infer` and `smoe slice`
+synchronize the model's device, `smoe bench layer` and scripts/gpu_bench.py record their CUDA events on that device's
 stream. A model on cuda:1 while cuda:0 is current needs two GPUs to run, so the CUDA calls are
 replaced by recorders here: what is checked is which device each call names."""
 
@@ -10,19 +10,10 @@ from smoe.launcher.bench import infer, layer
 SECOND_GPU = torch.device("cuda", 1)
 
 
-class ModelOnTheSecondGPU(torch.nn.Module):
-    """What `_timed` needs of an exported model: its device, and a forward."""
-
-    device = SECOND_GPU
-
-    def forward(self, **inputs):
-        return inputs
-
-
 def test_bench_infer_synchronizes_the_models_device(monkeypatch):
     synchronized = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronized.append(device))
-    infer._timed(ModelOnTheSecondGPU(), {}, repeats=2)
+    infer.median_seconds(lambda: None, SECOND_GPU, repeats=2)
     assert synchronized == [SECOND_GPU] * 4  # before and after each timed forward
 
 

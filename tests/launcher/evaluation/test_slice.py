@@ -56,8 +56,8 @@ def sliced(corpus, tmp_path_factory):
     rows = json.loads((root / "sweep.json").read_text())["rows"]
     gflops = (rows[0]["flops_per_token"] + rows[2]["flops_per_token"]) / 2 / 1e9
     params = (rows[0]["active_params"] + rows[2]["active_params"]) // 2
-    smoe("slice", run, "--budget-gflops", f"{gflops:.6g}", "--params", str(params), "--ks", "1,2,4",
-         "--max-batches", "1")
+    smoe("slice", run, "--budget-gflops", f"{gflops:.6g}", "--params", str(params), "--budget-ms", "1e6",
+         "--ks", "1,2,4", "--max-batches", "1", "--repeats", "1")
     return run, rows, float(f"{gflops:.6g}"), params
 
 
@@ -72,19 +72,35 @@ def test_every_slice_and_frontier_point_fits_its_budget(sliced):
     run, rows, gflops, params = sliced
     table = json.loads((run / "slices.json").read_text())
     names = {s["name"]: s for s in table["slices"]}
-    assert set(names) == {f"gflops-{gflops:g}", f"params-{params}"}
+    assert set(names) == {f"gflops-{gflops:g}", f"params-{params}", "ms-1e+06"}
     assert names[f"gflops-{gflops:g}"]["flops_per_token"] <= gflops * 1e9
     assert names[f"params-{params}"]["active_params"] <= params
     for cost, limit in (("gflops", gflops), ("params", params)):
         frontier = table["frontier"][cost]
         assert frontier[0]["ks"] == [1, 1] and len(frontier) > 1  # the walk moved
         assert all(point[cost] <= limit for point in frontier)
-        best = min(frontier, key=lambda p: p["calibration_bits"])
+        uniform = [{"ks": [row["k"]] * 2, **row} for row in table["uniform"]]
+        cost_of = "flops_per_token" if cost == "gflops" else "active_params"
+        scale = 1e9 if cost == "gflops" else 1
+        best = min(frontier + [row for row in uniform if row[cost_of] / scale <= limit],
+                   key=lambda p: p["calibration_bits"])
         chosen = names[f"gflops-{gflops:g}" if cost == "gflops" else f"params-{params}"]
         assert chosen["ks"] == best["ks"] and chosen["calibration_bits"] == pytest.approx(best["calibration_bits"])
     assert [row["k"] for row in table["uniform"]] == [1, 2, 4]
     assert [row["test_bits"] for row in table["uniform"]] == pytest.approx([row["test_bpc"] for row in rows[:3]])
     assert table["calibration"] == {"split": "valid", "max_batches": 1}
+
+
+def test_a_latency_budget_walks_on_flops_to_the_end_and_times_every_point(sliced):
+    run, *_ = sliced
+    table = json.loads((run / "slices.json").read_text())
+    frontier = table["frontier"]["ms"]
+    assert frontier[0]["ks"] == [1, 1] and frontier[-1]["ks"] == [4, 4] and all(p["ms"] > 0 for p in frontier)
+    unlimited = {s["name"]: s for s in table["slices"]}["ms-1e+06"]  # the best calibration of all
+    everything = frontier + [{"ks": [row["k"]] * 2, **row} for row in table["uniform"]]
+    assert unlimited["calibration_bits"] == pytest.approx(min(p["calibration_bits"] for p in everything))
+    assert all(row["batch1_latency_ms"] > 0 for row in table["slices"] + table["uniform"])
+    assert table["device"].startswith("CPU")
 
 
 def test_eval_by_name_evaluates_the_slice(sliced, tmp_path):
@@ -124,7 +140,7 @@ def test_refusals_before_any_process_group(sliced, tmp_path, capsys):
         ["slice", dense, "--budget-gflops", "1"], capsys)
     (tmp_path / "empty").mkdir()
     assert "is not a run directory" in refusal(["slice", tmp_path / "empty", "--budget-gflops", "1"], capsys)
-    assert "--budget-ms is not built yet" in refusal(["slice", run, "--budget-ms", "5"], capsys)
+    assert "must be at least 1" in refusal(["slice", run, "--budget-ms", "5", "--repeats", "0"], capsys)
     assert "needs a budget" in refusal(["slice", run], capsys)
     assert "--name small names one slice, but 2 budgets" in refusal(
         ["slice", run, "--budget-gflops", "1", "2", "--name", "small"], capsys)
