@@ -78,3 +78,10 @@ def train(out, corpus, *args, ranks: int = 1) -> subprocess.CompletedProcess:
 __all__ = ["BOOKS_VOCAB", "CPU_ENV", "DECODERS", "DECODER_HIDDEN", "DECODER_INTERMEDIATE", "DECODER_VOCAB",
            "DETERMINISTIC", "MLM", "REPO", "SMALL", "SMALL_MLM", "WORDS", "decoder_config", "run", "scalars", "smoe",
            "train"]
+
+
+def card_code(card: str) -> str:
+    """The python block of a model card's slices section."""
+    section = card[card.index("## Slices"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("\n```", start)]

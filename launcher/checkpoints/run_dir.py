@@ -15,6 +15,9 @@ from pathlib import Path
 from smoe.launcher.config import TrainConfig
 
 
+SLICES_FILE = "slices.json"  # `smoe slice`'s, in a run and in its export
+
+
 class RunDirLocked(ValueError):
     """Another process is writing this run directory."""
 
@@ -52,7 +55,7 @@ class RunDir:
     @property
     def slices(self) -> Path:
         """Named per-layer ks searched under budgets by `smoe slice`; `smoe eval --k NAME` reads them."""
-        return self.root / "slices.json"
+        return self.root / SLICES_FILE
 
     @property
     def lock(self) -> Path:

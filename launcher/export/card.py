@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from smoe.launcher.export import slices as exported_slices
 from smoe.launcher.export.convert import Source
 
 PIPELINES = {"causal-lm": "text-generation", "masked-lm": "fill-mask", "sequence-classification": "text-classification",
@@ -88,8 +89,8 @@ def _table(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_card(source: Source, config, table: dict, name: str) -> str:
-    """The README.md of the exported directory ``name``."""
+def model_card(source: Source, config, table: dict, name: str, slices: dict | None = None) -> str:
+    """The README.md of the exported directory ``name`` (with the run's ``slices``, where it has them)."""
     family = FAMILY_NAMES[source.family]
     if config.expert_layers == []:
         what = f"A dense {family} (no experts: one row below)."
@@ -117,7 +118,8 @@ def model_card(source: Source, config, table: dict, name: str) -> str:
         f"{getattr(config, 'tgt_len', '-')} after a full memory) are counted by smoe on the model. Speed: one "
         f"forward of {table['length']} tokens per row, median of the timed repeats, measured on "
         f"{table['device']}, torch {table['torch']}, {table['dtype']}, at export; `smoe bench infer DIR` measures "
-        "it on another machine and picks the best k for a budget (`--budget-ms`, `--budget-gflops`). The export "
-        f"was checked against smoe at every k: the largest logit difference was {table['max_difference']:.1e} "
-        "(relative).\n",
+        "it on another machine and picks the best k or slice for a budget (`--budget-ms`, `--budget-gflops`). "
+        f"The export was checked against smoe at every k{' and slice' if slices else ''}: the largest logit "
+        f"difference was {table['max_difference']:.1e} (relative).\n",
+        *([exported_slices.card_section(name, slices, source.auto_class, native=False)] if slices else []),
     ])

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from smoe.launcher.evaluation.metrics import active_parameters, sparse_flops
+from smoe.launcher.export import slices as exported_slices
 from smoe.launcher.export.remote_decoder import write_remote
 from smoe.launcher.export.verify import CHECK_LENGTH, check_at_every_k, padded_ids, staged
 from smoe.launcher.runtime import log
@@ -183,18 +184,27 @@ def write_native(model: nn.Module, layers: dict[int, UpcycledMLP], top_k: int, d
     return target.architecture
 
 
-def set_native_top_k(native: nn.Module, k: int) -> None:
-    """Every router of a loaded native model to top-k ``k`` (what ``num_experts_per_tok=k`` gives at load)."""
-    native.config.num_experts_per_tok = k
-    for module in native.modules():
-        if hasattr(module, "top_k"):
-            module.top_k = k
+def set_native_top_k(native: nn.Module, k: int | list[int]) -> None:
+    """Every router of a loaded native model to top-k ``k`` (what ``num_experts_per_tok=k`` gives at load), or
+    each MoE layer's to its own (a slice: the loop of its card, :func:`smoe.launcher.export.slices.loading_code`)."""
+    layers = [layer for layer in native.model.layers if any(hasattr(m, "top_k") for m in layer.modules())]
+    ks = [k] * len(layers) if isinstance(k, int) else list(k)
+    if len(ks) != len(layers):
+        raise ValueError(f"{len(ks)} ks for a model with {len(layers)} MoE layers: give one per MoE layer")
+    for layer, layer_k in zip(layers, ks):
+        for module in layer.modules():
+            if hasattr(module, "top_k"):
+                module.top_k = layer_k
+    if isinstance(k, int):
+        native.config.num_experts_per_tok = k
 
 
 @torch.no_grad()
-def check_export(reference: nn.Module, directory: Path, architecture: str, num_experts: int, remote: bool) -> float:
+def check_export(reference: nn.Module, directory: Path, architecture: str, num_experts: int, remote: bool,
+                 slices: list[list[int]] = ()) -> float:
     """Load ``directory`` with transformers (fp32; its own class, or ``remote`` code) and compare its logits
-    with smoe's at every k; raises on a tensor it does not load or a difference above the tolerance."""
+    with smoe's at every k and every slice; raises on a tensor it does not load or a difference above the
+    tolerance."""
     from transformers import AutoModelForCausalLM
 
     exported, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True,
@@ -215,7 +225,7 @@ def check_export(reference: nn.Module, directory: Path, architecture: str, num_e
         exported.set_top_k(k) if remote else set_native_top_k(exported, k)
         return exported(**inputs).logits
 
-    return check_at_every_k(list(range(1, num_experts + 1)), smoe_logits, exported_logits)
+    return check_at_every_k(list(range(1, num_experts + 1)) + list(slices), smoe_logits, exported_logits)
 
 
 @torch.no_grad()
@@ -230,7 +240,7 @@ def cost_rows(reference: nn.Module, num_experts: int) -> list[dict]:
     return rows
 
 
-def decoder_card(name: str, facts: dict, origin: str) -> str:
+def decoder_card(name: str, facts: dict, origin: str, slices: dict | None = None) -> str:
     """The README.md of the exported directory ``name``: what it is, how to load it at any k, cost by k."""
     n, k, dense, remote = facts["num_experts"], facts["num_experts_per_tok"], facts["dense_layers"], facts["remote"]
     where = "every layer" if not dense else f"every layer but {dense}"
@@ -262,8 +272,10 @@ def decoder_card(name: str, facts: dict, origin: str) -> str:
         dtype,
         "## Cost by k\n",
         "\n".join(table) + "\n",
-        f"Counted by smoe on the model (forward, per token). The export was checked against smoe at every k in fp32: "
-        f"the largest logit difference was {facts['max_difference']:.1e} (relative).\n",
+        f"Counted by smoe on the model (forward, per token). The export was checked against smoe at every k"
+        f"{' and slice' if slices else ''} in fp32: the largest logit difference was {facts['max_difference']:.1e} "
+        "(relative).\n",
+        *([exported_slices.card_section(name, slices, "AutoModelForCausalLM", native=not remote)] if slices else []),
     ])
 
 
@@ -291,13 +303,14 @@ def fp32_reference(model: nn.Module):
 
 
 def export_decoder(model: nn.Module, out: Path, top_k: int | None = None, tokenizer_dir: Path | None = None,
-                   origin: str = "an in-memory model", native_only: bool = False) -> dict:
+                   origin: str = "an in-memory model", native_only: bool = False, slices: dict | None = None) -> dict:
     """Write ``model`` (an upcycled or trained causal LM, any device and dtype, ep_size 1) to ``out``: as its
     native transformers MoE class where one holds it, else (unless ``native_only``) with remote code
     (:mod:`smoe.launcher.export.remote_decoder`); loading at ``top_k`` (default: the model's k). Copies the
-    tokenizer and generation config from ``tokenizer_dir``. ``out`` appears only once transformers has loaded
-    it back and matched smoe's logits at every k (fp32, :data:`~smoe.launcher.export.verify.TOLERANCE`). The
-    model is left as it was. Returns the facts of the card."""
+    tokenizer and generation config from ``tokenizer_dir``, and ``slices`` (the run's slices.json) with its
+    card. ``out`` appears only once transformers has loaded it back and matched smoe's logits at every k and
+    slice (fp32, :data:`~smoe.launcher.export.verify.TOLERANCE`). The model is left as it was. Returns the
+    facts of the card."""
     out = Path(out)
     layers = moe_layers_by_index(model)
     obstacle = native_obstacle(model, layers)
@@ -316,16 +329,20 @@ def export_decoder(model: nn.Module, out: Path, top_k: int | None = None, tokeni
             architecture = write_remote(reference, moe_layers_by_index(reference), top_k, staging)
         if tokenizer_dir is not None:
             copy_tokenizer(Path(tokenizer_dir), staging)
-        difference = check_export(reference, staging, architecture, num_experts, remote=obstacle is not None)
-        log.info(f"the export loads as {architecture} and matches smoe at every k (1 to {num_experts}): largest "
-                 f"difference {difference:.1e}")
+        difference = check_export(reference, staging, architecture, num_experts, remote=obstacle is not None,
+                                  slices=exported_slices.settings(slices))
+        checked = f"every k (1 to {num_experts})" + (f" and slice ({len(slices['slices'])})" if slices else "")
+        log.info(f"the export loads as {architecture} and matches smoe at {checked}: largest difference "
+                 f"{difference:.1e}")
+        if slices:
+            exported_slices.write(slices, sorted(layers), staging)
         facts = {"architecture": architecture, "remote": obstacle is not None, "num_experts": num_experts,
                  "num_experts_per_tok": top_k, "max_difference": difference,
                  "model_type": TARGETS[model.config.model_type].model_type if obstacle is None
                  else model.config.model_type,
                  "dense_layers": [i for i in range(model.config.num_hidden_layers) if i not in layers],
                  "rows": cost_rows(reference, num_experts)}
-        write_atomic(staging / "README.md", decoder_card(out.name, facts, origin))
+        write_atomic(staging / "README.md", decoder_card(out.name, facts, origin, slices))
     return facts
 
 
@@ -356,12 +373,13 @@ def loaded_as(facts: dict) -> str:
             f"load it with AutoModelForCausalLM.from_pretrained(OUT{remote}, num_experts_per_tok=k)")
 
 
-def export_causal_run(model: nn.Module, out: Path, top_k: int | None, tokenizer_dir: Path, origin: str) -> None:
-    """`smoe export RUN OUT` of a causal-LM run: an MoE through :func:`export_decoder`, a dense model as its own
-    transformers class (the upcycling study's pretrained model), loaded back and matched with smoe before OUT
-    appears."""
+def export_causal_run(model: nn.Module, out: Path, top_k: int | None, tokenizer_dir: Path, origin: str,
+                      slices: dict | None = None) -> None:
+    """`smoe export RUN OUT` of a causal-LM run: an MoE through :func:`export_decoder` (with the run's
+    ``slices``), a dense model as its own transformers class (the upcycling study's pretrained model), loaded
+    back and matched with smoe before OUT appears."""
     if any(isinstance(module, UpcycledMLP) for module in model.modules()):
-        facts = export_decoder(model, out, top_k, tokenizer_dir=tokenizer_dir, origin=origin)
+        facts = export_decoder(model, out, top_k, tokenizer_dir=tokenizer_dir, origin=origin, slices=slices)
         log.info(f"wrote {out}: {loaded_as(facts)}")
         return
     from transformers import AutoModelForCausalLM

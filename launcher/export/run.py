@@ -4,8 +4,9 @@ SOURCE is a `smoe train` run (its latest complete checkpoint, of any ep_size), a
 `smoe finetune` model directory, or a consolidated ``.safetensors`` file. OUT gets
 ``config.json`` (with ``auto_map``), ``modeling_smoe.py`` (smoe's own torch-only model code,
 :mod:`smoe.launcher.export.bundle`), ``model.safetensors``, the tokenizer where there is one,
-``slimming.json`` and a model card (``README.md``) with quality, active parameters, FLOPs and
-measured speed by k. Load it with
+``slimming.json``, a model card (``README.md``) with quality, active parameters, FLOPs and
+measured speed by k, and the run's named slices where `smoe slice` wrote them (``slices.json``,
+``frontier.png``: :mod:`smoe.launcher.export.slices`). Load it with
 
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True, num_experts_per_tok=4)
 
@@ -28,6 +29,7 @@ import torch
 from smoe.launcher.bench.infer import SLIMMING_FILE, default_ks, device_name, load_exported, max_tokens, measure
 from smoe.launcher.config import parse_ks
 from smoe.launcher.evaluation.metrics import active_parameters, flops_per_token, sparse_flops
+from smoe.launcher.export import slices as exported_slices
 from smoe.launcher.export.bundle import MODELING_FILE, MODELING_MODULE, bundle, import_modeling
 from smoe.launcher.export.card import model_card
 from smoe.launcher.export.convert import CONFIG_CLASSES, Source, exported_config, exported_state, read_source
@@ -91,8 +93,9 @@ def outputs(source: Source, model, inputs: dict, exported: bool) -> torch.Tensor
     return torch.cat(logits, dim=1)
 
 
-def check_outputs(source: Source, exported, ks: list[int]) -> float:
-    """:func:`check_at_every_k` of the remote-code export against smoe's model."""
+def check_outputs(source: Source, exported, ks: list[int | list[int]]) -> float:
+    """:func:`check_at_every_k` of the remote-code export against smoe's model (a k: one for every layer, or one
+    per expert layer)."""
     inputs = comparison_inputs(source, exported)
 
     def smoe_logits(k):
@@ -163,6 +166,13 @@ def unit_of(family: str) -> str:
     return MaskedLMFamily.unit
 
 
+def expert_layer_indices(config) -> list[int]:
+    """The exported model's layers with experts (``expert_layers``; None: every one)."""
+    if config.expert_layers is not None:
+        return sorted(config.expert_layers)
+    return list(range(config.n_layer if hasattr(config, "n_layer") else config.num_hidden_layers))
+
+
 def export(source: Source, out: Path, args) -> dict:
     """Write, load back, compare, time and describe; returns the slimming table."""
     with staged(out) as staging:
@@ -171,9 +181,12 @@ def export(source: Source, out: Path, args) -> dict:
         layers = moe_layers_of(source.model)
         all_ks = list(range(1, layers[0].num_experts + 1)) if layers else [None]
         k = exported.top_k if layers else None
-        difference = check_outputs(source, exported, all_ks)
-        log.info(f"the export loads with transformers and matches smoe at every k ({', '.join(map(str, all_ks))}): "
-                 f"largest difference {difference:.1e}")
+        slices = exported_slices.run_slices(source.path if source.kind == "run" else None) if layers else None
+        difference = check_outputs(source, exported, all_ks + exported_slices.settings(slices))
+        log.info(f"the export loads with transformers and matches smoe at every k ({', '.join(map(str, all_ks))})"
+                 f"{' and slice' if slices else ''}: largest difference {difference:.1e}")
+        if slices:
+            exported_slices.write(slices, expert_layer_indices(exported.config), staging)
         if layers:
             set_top_k(source.model, k)
             exported.set_top_k(k)
@@ -185,7 +198,7 @@ def export(source: Source, out: Path, args) -> dict:
                  "dtype": "fp32", "length": args.length, "max_difference": difference, "num_experts_per_tok": k,
                  "rows": slimming_rows(source, ks, speed, quality)}
         write_atomic(staging / SLIMMING_FILE, json.dumps(table, indent=2))
-        write_atomic(staging / "README.md", model_card(source, exported.config, table, out.name))
+        write_atomic(staging / "README.md", model_card(source, exported.config, table, out.name, slices))
     return table
 
 
@@ -208,7 +221,8 @@ def run(args) -> None:
         config = source.config
         tokenizer_dir = Path(config.tokenizer) if config.tokenizer else source.path / "tokenizer"
         origin = f"`{source.path}` ({source.facts.get('checkpoint', source.kind)})"
-        export_causal_run(source.model, out, args.k, tokenizer_dir, origin)
+        export_causal_run(source.model, out, args.k, tokenizer_dir, origin,
+                          exported_slices.run_slices(source.path if source.kind == "run" else None))
         return
     args.ks = parse_ks(args.ks, "--ks") if args.ks else None
     table = export(source, out, args)

@@ -7,8 +7,9 @@ import json
 import shutil
 
 import pytest
+import torch
 
-from runs import smoe, train
+from runs import card_code, smoe, train
 from smoe.launcher.cli import main
 from smoe.launcher.evaluation.slice import Budget, Point, best_under, greedy_walk
 
@@ -149,3 +150,31 @@ def test_refusals_before_any_process_group(sliced, tmp_path, capsys):
     shutil.copytree(run, without)
     (without / "slices.json").unlink()
     assert "none yet: `smoe slice RUN` names them" in refusal(["eval", without, "--k", "small"], capsys)
+
+
+def test_the_export_carries_the_slices_and_the_card_loads_one(sliced, tmp_path, monkeypatch):
+    """The export checks every slice against smoe (a slice differing fails it); its card's code loads the
+    first slice at load time (``layer_top_k``), which the routers then run."""
+    run, _, gflops, _ = sliced
+    smoe("export", run, tmp_path / "out", "--ks", "1", "--batch", "1", "--repeats", "1")
+    table = json.loads((tmp_path / "out" / "slices.json").read_text())
+    assert table["layers"] == [0, 1] and table["slices"] == json.loads((run / "slices.json").read_text())["slices"]
+    assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "checked against smoe at every k and slice" in card and f"| gflops-{gflops:g} |" in card
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(card_code(card), scope)
+    model, ks = scope["model"], scope["ks"]
+    assert ks == table["slices"][0]["ks"] and model.top_k == ks
+    assert [m.top_k for m in model.modules() if type(m).__name__ == "ExpertMixture"] == ks
+    segment = torch.randint(256, (1, 16), generator=torch.Generator().manual_seed(0))
+    at_slice = model(input_ids=segment).logits
+    model.set_top_k(4)
+    assert model.config.layer_top_k is None and not torch.equal(model(input_ids=segment).logits, at_slice)
+    model.set_top_k(ks)
+    assert torch.equal(model(input_ids=segment).logits, at_slice)
+    with pytest.raises(ValueError, match=r"3 ks \(\[1, 2, 4\]\) for a model with 2 expert layers"):
+        model.set_top_k([1, 2, 4])
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=5 must be between 1"):
+        model.set_top_k([1, 5])

@@ -11,7 +11,7 @@ import torch
 
 from smoe.launcher.runtime.distributed import free_port
 
-from runs import BOOKS_VOCAB, run, scalars, smoe
+from runs import BOOKS_VOCAB, card_code, run, scalars, smoe
 
 VOCAB = BOOKS_VOCAB
 CAUSAL = ["block_size=16", "batch_size=8", "eval_batch_size=4", "log_every=1", "eval_every=100", "save_every=100",
@@ -22,7 +22,8 @@ def train(books, out, *args, check=True):
     return smoe("train", "--data-files", books, "--out", out, *CAUSAL, *args, check=check)
 
 
-def test_an_upcycled_llama_trains_resumes_exactly_and_evaluates_at_every_k(books, llama_dirs, tmp_path):
+def test_an_upcycled_llama_trains_resumes_exactly_and_evaluates_at_every_k(books, llama_dirs, tmp_path,
+                                                                           monkeypatch):
     straight = tmp_path / "straight"
     result = train(books, straight, "--init", llama_dirs / "upcycled")
     assert "training smoe-dropout (causal-lm)" in result.stdout
@@ -50,12 +51,24 @@ def test_an_upcycled_llama_trains_resumes_exactly_and_evaluates_at_every_k(books
         assert row["valid_bpc"] == pytest.approx(expected["valid_bpc"], abs=1e-5)
     assert rows[3]["k"] == [1, 4] and rows[0]["active_params"] < rows[3]["active_params"] < rows[2]["active_params"]
     assert rows[0]["flops_per_token"] < rows[3]["flops_per_token"] < rows[2]["flops_per_token"]
+    budget = (rows[0]["flops_per_token"] + rows[2]["flops_per_token"]) / 2e9
+    smoe("slice", straight, "--budget-gflops", f"{budget:.6g}", "--ks", "1,2,4", "--max-batches", "1",
+         "--repeats", "1", "--name", "small")
     smoe("export", straight, tmp_path / "native")  # the trained run as transformers' own MoE class
     from transformers import AutoModelForCausalLM
 
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "native", num_experts_per_tok=2)
     assert type(native).__name__ == "MixtralForCausalLM" and native.config.num_experts_per_tok == 2
     assert native.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+    # The slice, checked against smoe by the export, loads with the card's loop over the layers' routers.
+    small, = json.loads((tmp_path / "native" / "slices.json").read_text())["slices"]
+    card = (tmp_path / "native" / "README.md").read_text()
+    assert "trust_remote_code" not in card_code(card) and "| small |" in card
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(card_code(card), scope)
+    routers = [layer.mlp.gate.top_k for layer in scope["model"].model.layers]
+    assert scope["ks"] == small["ks"] == routers and small["flops_per_token"] <= budget * 1e9
 
 
 def test_the_first_step_starts_from_the_upcycled_weights(books, llama_dirs, tmp_path):
