@@ -152,11 +152,19 @@ def test_refusals_before_any_process_group(sliced, tmp_path, capsys):
     assert "none yet: `smoe slice RUN` names them" in refusal(["eval", without, "--k", "small"], capsys)
 
 
-def test_the_export_carries_the_slices_and_the_card_loads_one(sliced, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def exported(sliced, tmp_path_factory):
+    """The sliced run exported (remote code)."""
+    out = tmp_path_factory.mktemp("exported") / "out"
+    smoe("export", sliced[0], out, "--ks", "1", "--batch", "1", "--repeats", "1")
+    return out
+
+
+def test_the_export_carries_the_slices_and_the_card_loads_one(sliced, exported, monkeypatch):
     """The export checks every slice against smoe (a slice differing fails it); its card's code loads the
     first slice at load time (``layer_top_k``), which the routers then run."""
     run, _, gflops, _ = sliced
-    smoe("export", run, tmp_path / "out", "--ks", "1", "--batch", "1", "--repeats", "1")
+    tmp_path = exported.parent
     table = json.loads((tmp_path / "out" / "slices.json").read_text())
     assert table["layers"] == [0, 1] and table["slices"] == json.loads((run / "slices.json").read_text())["slices"]
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
@@ -178,3 +186,22 @@ def test_the_export_carries_the_slices_and_the_card_loads_one(sliced, tmp_path, 
         model.set_top_k([1, 2, 4])
     with pytest.raises(ValueError, match=r"num_experts_per_tok=5 must be between 1"):
         model.set_top_k([1, 5])
+
+
+def test_bench_infer_times_slices_and_its_budget_picks_among_slices_and_uniform_ks(sliced, exported, tmp_path,
+                                                                                     capsys):
+    table = json.loads((exported / "slices.json").read_text())
+    name = table["slices"][0]["name"]
+    args = ["bench", "infer", str(exported), "--ks", "1,4", "--batch", "1", "--length", "8", "--repeats", "1"]
+    assert main([*args, "--slice", name, "--json", str(tmp_path / "timed.json")]) == 0
+    rows = json.loads((tmp_path / "timed.json").read_text())["rows"]
+    assert [(row["setting"], row["k"]) for row in rows] == [("k=1", 1), ("k=4", 4), (name, table["slices"][0]["ks"])]
+    assert main([*args, "--budget-gflops", "1", "--json", str(tmp_path / "budget.json")]) == 0
+    report = json.loads((tmp_path / "budget.json").read_text())
+    quality = {f"k={row['k']}": row["calibration_bits"] for row in table["uniform"] if row["k"] in (1, 4)}
+    quality |= {entry["name"]: entry["calibration_bits"] for entry in table["slices"]}
+    assert {row["setting"] for row in report["rows"]} == set(quality)  # a budget considers every slice
+    assert quality[report["choice"]["setting"]] == min(quality.values())
+    capsys.readouterr()
+    assert main([*args, "--slice", "nope"]) == 2
+    assert f"no slice nope in {exported}/slices.json: it has {name}" in capsys.readouterr().err

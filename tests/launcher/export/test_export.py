@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from runs import SMALL, SMALL_MLM
-from smoe.launcher.bench.infer import SLIMMING_FILE, best_k, load_exported
+from smoe.launcher.bench.infer import SLIMMING_FILE, best_setting, load_exported
 from smoe.launcher.checkpoints.consolidate import consolidate, load_consolidated, save_consolidated
 from smoe.launcher.cli import main
 from smoe.launcher.config import TrainConfig, parse_override
@@ -159,12 +159,14 @@ def test_the_card_holds_the_trained_model_and_measured_figures(exports):
     assert (exports / "bert-run" / "tokenizer.json").is_file()
 
 
-def test_best_k_is_the_best_quality_of_the_ks_that_fit():
-    costs = {1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0}
-    assert best_k(costs, 4.5) == 4  # no quality: the largest k that fits
-    assert best_k(costs, 4.5, {1: 2.0, 2: 1.5, 4: 1.6, 8: 1.0}) == 2
-    with pytest.raises(ValueError, match="no k fits the budget 0.5: the cheapest, k=1, costs 1"):
-        best_k(costs, 0.5)
+def test_the_best_setting_is_the_best_quality_of_those_that_fit():
+    costs = {"k=1": 1.0, "k=2": 2.0, "k=4": 3.0, "k=8": 8.0, "small": 2.5}
+    assert best_setting(costs, 4.5, {}) == "small"  # no quality: the last that fits
+    assert best_setting({k: v for k, v in costs.items() if k != "small"}, 4.5, {}) == "k=4"  # the largest k
+    assert best_setting(costs, 4.5, {"k=1": 2.0, "k=2": 1.5, "k=4": 1.6, "k=8": 1.0, "small": 1.55}) == "k=2"
+    assert best_setting(costs, 4.5, {"k=1": 2.0, "k=2": 1.5, "k=4": 1.6, "k=8": 1.0, "small": 1.4}) == "small"
+    with pytest.raises(ValueError, match="nothing fits the budget 0.5: the cheapest, k=1, costs 1"):
+        best_setting(costs, 0.5, {})
 
 
 def test_bench_infer_picks_the_best_k_under_a_flops_or_latency_budget(exports, tmp_path, capsys):
@@ -174,16 +176,17 @@ def test_bench_infer_picks_the_best_k_under_a_flops_or_latency_budget(exports, t
     args = ["bench", "infer", str(model), "--ks", "1,4", "--batch", "2", "--length", "8", "--repeats", "1"]
     assert main([*args, "--budget-gflops", str(budget), "--json", str(tmp_path / "flops.json")]) == 0
     choice = json.loads((tmp_path / "flops.json").read_text())["choice"]
-    assert choice == {"k": 1, "budget": budget, "cost": rows[1]["flops_per_token"] / 1e9, "unit": "GFLOPs per token"}
+    assert choice == {"setting": "k=1", "k": 1, "budget": budget, "cost": rows[1]["flops_per_token"] / 1e9,
+                      "unit": "GFLOPs per token"}
 
     assert main([*args, "--budget-ms", "1e6", "--json", str(tmp_path / "ms.json")]) == 0
     report = json.loads((tmp_path / "ms.json").read_text())
     latency = {row["k"]: row["latency_ms"] for row in report["rows"] if row["batch"] == 1}
-    assert report["choice"] == {"k": 4, "budget": 1e6, "cost": latency[4], "unit": "ms at batch 1"}
+    assert report["choice"] == {"setting": "k=4", "k": 4, "budget": 1e6, "cost": latency[4], "unit": "ms at batch 1"}
 
     capsys.readouterr()
     assert main([*args, "--budget-ms", "1e-9"]) == 2
-    assert "no k fits the budget 1e-09" in capsys.readouterr().err
+    assert "nothing fits the budget 1e-09" in capsys.readouterr().err
 
 
 def test_export_refuses_what_it_cannot_write_and_leaves_nothing_behind(exports, tmp_path, capsys):

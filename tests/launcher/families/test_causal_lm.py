@@ -69,6 +69,10 @@ def test_an_upcycled_llama_trains_resumes_exactly_and_evaluates_at_every_k(books
     exec(card_code(card), scope)
     routers = [layer.mlp.gate.top_k for layer in scope["model"].model.layers]
     assert scope["ks"] == small["ks"] == routers and small["flops_per_token"] <= budget * 1e9
+    smoe("bench", "infer", tmp_path / "native", "--slice", "small", "--ks", "4", "--batch", "1", "--length", "8",
+         "--repeats", "1", "--json", tmp_path / "timed.json")  # the native class, timed at the slice
+    timed = json.loads((tmp_path / "timed.json").read_text())["rows"]
+    assert [row["k"] for row in timed] == [4, small["ks"]] and all(row["latency_ms"] > 0 for row in timed)
 
 
 def test_the_first_step_starts_from_the_upcycled_weights(books, llama_dirs, tmp_path):
