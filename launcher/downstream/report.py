@@ -1,4 +1,5 @@
-"""`smoe report DIR [DIR ...] --out OUT`: the paper's downstream tables from result files.
+"""`smoe report DIR [DIR ...] --out OUT`: the paper's downstream tables from result files, and the
+Pareto card of every sliced run.
 
 Collects every ``result.json`` that `smoe finetune` and `smoe distill` wrote under the
 given directories and lays them out as the paper does:
@@ -11,8 +12,10 @@ given directories and lays them out as the paper does:
   k = B), one line per method and a panel per task (``OUT/figure4.png``).
 
 Several runs in one cell or point (seeds) are averaged, with their standard deviation and,
-in a table, how many. The tables are
-printed and written to ``OUT/report.md``.
+in a table, how many. Every ``slices.json`` that `smoe slice` wrote there (in a run or an export)
+adds its test quality against FLOPs and batch-1 latency, uniform k and slices
+(:mod:`smoe.launcher.evaluation.frontier`; ``OUT/frontier.png``). The tables are printed and written
+to ``OUT/report.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from smoe.launcher.checkpoints.run_dir import SLICES_FILE
+from smoe.launcher.evaluation import frontier
+from smoe.launcher.export.slices import FRONTIER_FILE
 from smoe.launcher.runtime import log
 from smoe.launcher.runtime.files import atomic_output, write_atomic
 
@@ -33,11 +39,31 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", help="write report.md and figure4.png here")
 
 
+def check_roots(roots: list[Path]) -> None:
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a directory: pass directories holding `smoe finetune` runs or "
+                                    "sliced runs")
+
+
+def load_slices(roots: list[Path]) -> dict[str, dict]:
+    """Every slices.json under ``roots``, by its directory (relative to its root's parent)."""
+    tables = {}
+    for root in roots:
+        for path in sorted(root.rglob(SLICES_FILE)):
+            try:
+                table = json.loads(path.read_text())
+                table["uniform"], table["slices"], table["unit"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path} is not a `smoe slice` table (or is damaged): run `smoe slice` again or "
+                                 "move the file away")
+            tables[str(path.parent.relative_to(root.parent))] = table
+    return tables
+
+
 def load_results(roots: list[Path]) -> list[dict]:
     results = []
     for root in roots:
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root} is not a directory: pass directories holding `smoe finetune` runs")
         for path in sorted(root.rglob("result.json")):
             try:
                 result = json.loads(path.read_text())
@@ -46,8 +72,6 @@ def load_results(roots: list[Path]) -> list[dict]:
                 raise ValueError(f"{path} is not a `smoe finetune` or `smoe distill` result (or is damaged): "
                                  "rerun that command or move the file away")
             results.append({**result, "path": str(path.parent)})
-    if not results:
-        raise ValueError(f"no result.json under {', '.join(map(str, roots))}: run `smoe finetune` into them first")
     return results
 
 
@@ -149,15 +173,29 @@ def plot_budgets(points, path: Path, columns: int = 3) -> None:
 
 
 def run(args) -> None:
-    results = load_results([Path(p) for p in args.runs])
+    roots = [Path(p) for p in args.runs]
+    check_roots(roots)
+    results, slices = load_results(roots), load_slices(roots)
+    if not results and not slices:
+        raise ValueError(f"no result.json or {SLICES_FILE} under {', '.join(map(str, roots))}: run `smoe finetune` "
+                         "or `smoe slice` into them first")
     sections = [("Table 2: transfer at the full budget, all experts active (dev metric, %)", table_transfer),
                 ("Table 3: distillation into a single-expert student (SST-2 dev accuracy, %)", table_distillation),
-                ("Table A5: SST-2 dev accuracy (%) by active experts k, full budget", table_by_k)]
-    text = "\n\n".join(f"### {title}\n\n{make(results)}" for title, make in sections)
+                ("Table A5: SST-2 dev accuracy (%) by active experts k, full budget", table_by_k)] if results else []
+    parts = [f"### {title}\n\n{make(results)}" for title, make in sections]
+    parts += [f"### Slices of {label}: test quality against cost\n\n{frontier.markdown(table)}"
+              for label, table in slices.items()]
+    text = "\n\n".join(parts)
     log.info(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "report.md", text + "\n")
-        plot_budgets(budget_points(results), out / "figure4.png")
-        log.info(f"\nwrote {out / 'report.md'} and {out / 'figure4.png'} ({len(results)} runs)")
+        written = [out / "report.md"]
+        if results:
+            plot_budgets(budget_points(results), out / "figure4.png")
+            written.append(out / "figure4.png")
+        if slices:
+            frontier.plot(slices, out / FRONTIER_FILE)
+            written.append(out / FRONTIER_FILE)
+        log.info(f"\nwrote {' and '.join(map(str, written))} ({len(results)} runs, {len(slices)} sliced)")

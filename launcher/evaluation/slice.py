@@ -189,7 +189,12 @@ def named_slices(run: RunDir) -> dict[str, list[int]]:
 
 
 def check_run(run: RunDir) -> None:
-    """Refused before any process group: not a run, a dense run, no checkpoint."""
+    """Refused before any process group: an exported model (no data to calibrate on), not a run, a dense
+    run, no checkpoint."""
+    if (run.root / "config.json").is_file() and not (run.root / "checkpoints").is_dir():
+        raise ValueError(f"{run.root} is an exported or upcycled model, not a run: the search needs the run's "
+                         "validation split; slice the run it came from (`smoe slice RUN ...`) and export it again "
+                         "(`smoe export RUN OUT` carries slices.json into OUT)")
     config = run.load_config()
     if get_method(config.method).dense:
         raise ValueError(f"{run.root} is a dense run (method {config.method}): it has no experts to slice; slice a "

@@ -175,7 +175,7 @@ CASES = {
     "consolidate-no-checkpoint": (["ckpt", "consolidate", "{no_checkpoint}", "{out}/model.safetensors"], 2,
                                   ["holds no complete checkpoint"]),
     # smoe report
-    "report-no-results": (["report", "{empty}", "--out", "{out}"], 2, ["no result.json under"]),
+    "report-no-results": (["report", "{empty}", "--out", "{out}"], 2, ["no result.json or slices.json under"]),
     "report-missing-dir": (["report", "{root}/nope", "--out", "{out}"], 2, ["is not a directory"]),
     # smoe bench
     "bench-layer-unknown-size": (["bench", "layer", "--sizes", "huge", "--no-memory"], 2,

@@ -137,8 +137,13 @@ def test_refusals_before_any_process_group(sliced, tmp_path, capsys):
     dense.mkdir()
     config = json.loads((run / "config.json").read_text())
     (dense / "config.json").write_text(json.dumps({**config, "method": "dense"}))
+    (dense / "checkpoints").mkdir()
     assert "is a dense run (method dense): it has no experts to slice" in refusal(
         ["slice", dense, "--budget-gflops", "1"], capsys)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    assert "is an exported or upcycled model, not a run: the search needs the run's validation split" in refusal(
+        ["slice", tmp_path / "export", "--budget-gflops", "1"], capsys)
     (tmp_path / "empty").mkdir()
     assert "is not a run directory" in refusal(["slice", tmp_path / "empty", "--budget-gflops", "1"], capsys)
     assert "must be at least 1" in refusal(["slice", run, "--budget-ms", "5", "--repeats", "0"], capsys)
@@ -205,3 +210,15 @@ def test_bench_infer_times_slices_and_its_budget_picks_among_slices_and_uniform_
     capsys.readouterr()
     assert main([*args, "--slice", "nope"]) == 2
     assert f"no slice nope in {exported}/slices.json: it has {name}" in capsys.readouterr().err
+
+
+def test_report_draws_the_pareto_card_of_every_sliced_run_and_export(sliced, exported, tmp_path):
+    run = sliced[0]
+    assert main(["report", str(run.parent), str(exported.parent), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"### Slices of {run.parent.name}/{run.name}: test quality" in text
+    assert f"### Slices of {exported.parent.name}/{exported.name}: test quality" in text
+    table = json.loads((run / "slices.json").read_text())
+    for entry in table["slices"] + table["uniform"]:
+        assert f"| {entry['test_bits']:.4f} |" in text  # the test split, never the calibration bits
+    assert (tmp_path / "report" / "frontier.png").stat().st_size > 0
