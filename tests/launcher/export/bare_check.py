@@ -43,6 +43,11 @@ def check(case: dict) -> dict:
         model.set_top_k(model.config.num_experts + 1)
     except ValueError as error:
         result["refused"] = str(error)
+    if "slice" in expected:  # one k per MoE layer, at load time
+        sliced = auto_class.from_pretrained(case["dir"], trust_remote_code=True, layer_top_k=expected["slice"]["ks"])
+        with torch.no_grad():
+            result["slice_difference"] = difference(logits(sliced.eval(), inputs, case["segments"]),
+                                                    expected["slice"]["logits"])
     bf16 = auto_class.from_pretrained(case["dir"], trust_remote_code=True, dtype=torch.bfloat16)
     result["bf16_buffers"] = sorted({str(b.dtype) for name, b in bf16.named_buffers() if name.endswith("proj.weight")})
     return result
@@ -74,6 +79,14 @@ def check_native(case: dict) -> dict:
         with torch.no_grad():
             result["differences"][k] = difference(model(**expected["inputs"]).logits, want)
             result["generated"][k] = generated(model, expected)
+    if "slice" in expected:  # the model card's loop: each MoE layer's modules with a top_k get the layer's k
+        moe_layers = [layer for layer in model.model.layers if any(hasattr(m, "top_k") for m in layer.modules())]
+        for layer, k in zip(moe_layers, expected["slice"]["ks"], strict=True):
+            for module in layer.modules():
+                if hasattr(module, "top_k"):
+                    module.top_k = k
+        with torch.no_grad():
+            result["slice_difference"] = difference(model(**expected["inputs"]).logits, expected["slice"]["logits"])
     return result
 
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 
 from smoe.launcher.export.verify import padded_ids
 from smoe.model.decoder import upcycle
-from smoe.model.moe import set_top_k
+from smoe.model.moe import moe_layers_of, set_top_k
 
 from runs import DECODER_HIDDEN, DECODER_INTERMEDIATE, DECODER_VOCAB, DECODERS, decoder_config
 
@@ -44,7 +44,8 @@ def save_tokenizer(directory: Path) -> None:
 
 @torch.no_grad()
 def expected(model) -> dict:
-    """smoe's logits at every k, and its greedy continuation of a prompt."""
+    """smoe's logits at every k and at a slice (k = 1 and N in turn over the MoE layers), and its greedy
+    continuation of a prompt."""
     inputs = padded_ids(VOCAB, (2, 16))
     prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
     logits, generated = {}, {}
@@ -52,7 +53,11 @@ def expected(model) -> dict:
         set_top_k(model, k)
         logits[k] = model(**inputs).logits
         generated[k] = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, 6:].tolist()
-    return {"inputs": inputs, "logits": logits, "prompt": prompt, "new_tokens": 5, "generated": generated}
+    ks = [(1, EXPERTS)[i % 2] for i in range(len(moe_layers_of(model)))]
+    set_top_k(model, ks)
+    sliced = {"ks": ks, "logits": model(**inputs).logits}
+    return {"inputs": inputs, "logits": logits, "slice": sliced, "prompt": prompt, "new_tokens": 5,
+            "generated": generated}
 
 
 def bare_results(bare_python: Path, cases: Path) -> dict:

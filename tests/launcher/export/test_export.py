@@ -18,7 +18,7 @@ from smoe.launcher.cli import main
 from smoe.launcher.config import TrainConfig, parse_override
 from smoe.launcher.families import family_of
 from smoe.model.bert import CLASSES
-from smoe.model.moe import set_top_k
+from smoe.model.moe import moe_layers_of, set_top_k
 
 HERE = Path(__file__).parent
 ROUTERS = {"random-frozen": "smoe-dropout", "learned": "smoe-learned", "hash": "hash"}
@@ -32,16 +32,24 @@ def config_of(overrides: list[str]) -> TrainConfig:
 
 @torch.no_grad()
 def txl_expected(config: TrainConfig, model) -> dict:
-    """Logits of two segments (the second after the first's memory) at every k, as `smoe eval` runs it."""
+    """Logits of two segments (the second after the first's memory) at every k and a slice, as `smoe eval`
+    runs it."""
     model.eval()
     model.mem_len = config.eval_mem_len
     ids = torch.randint(config.vocab_size, (2, 2, 12), generator=torch.Generator().manual_seed(1))
-    by_k = {}
-    for k in range(1, config.num_experts + 1):
+
+    def logits(k):
         set_top_k(model, k)
         first = model(ids[:, 0])
-        by_k[k] = torch.cat([first.logits, model(ids[:, 1], first.mems).logits], dim=1)
-    return {"inputs": {"input_ids": ids}, "logits": by_k}
+        return torch.cat([first.logits, model(ids[:, 1], first.mems).logits], dim=1)
+
+    return {"inputs": {"input_ids": ids}, **at_every_k_and_a_slice(model, config.num_experts, logits)}
+
+
+def at_every_k_and_a_slice(model, num_experts: int, logits) -> dict:
+    """``logits(k)`` at every k, and at the slice of k = 1 and N in turn over the MoE layers."""
+    ks = [(1, num_experts)[i % 2] for i in range(len(moe_layers_of(model)))]
+    return {"logits": {k: logits(k) for k in range(1, num_experts + 1)}, "slice": {"ks": ks, "logits": logits(ks)}}
 
 
 @torch.no_grad()
@@ -52,11 +60,12 @@ def encoder_expected(model, multiple_choice: bool = False) -> dict:
     ids = torch.randint(config.vocab_size, shape, generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[-1, ..., 6:] = 0  # padding in the last row
-    by_k = {}
-    for k in range(1, config.num_experts + 1):
+    def logits(k):
         set_top_k(model, k)
-        by_k[k] = model(input_ids=ids, attention_mask=mask).logits
-    return {"inputs": {"input_ids": ids, "attention_mask": mask}, "logits": by_k}
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    return {"inputs": {"input_ids": ids, "attention_mask": mask},
+            **at_every_k_and_a_slice(model, config.num_experts, logits)}
 
 
 def export(source: Path, out: Path, *extra: str) -> Path:
@@ -135,6 +144,7 @@ def test_the_export_loads_at_any_k_and_matches_smoe_at_every_k(bare_results, nam
     assert case["loaded_k"] == 1  # num_experts_per_tok given to from_pretrained
     assert max(case["differences"].values()) <= TOLERANCE, case["differences"]
     assert len(case["differences"]) == 4  # every k of the 4 experts
+    assert case["slice_difference"] <= TOLERANCE  # one k per expert layer, given at load time
     assert "num_experts_per_tok=5 must be between 1" in case["refused"]
     if not name.endswith(("learned", "hash")):  # random-frozen: the projection stays fp32 under a bf16 load
         assert case["bf16_buffers"] == ["torch.float32"]
