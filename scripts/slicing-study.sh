@@ -2,7 +2,8 @@
 # The slicing study of docs/slicing.md, on the CPU: SMoE-Dropout trained with the global k schedule and
 # with per-layer random k (k_sampling=per-layer), 3 seeds each, on Transformer-XL `tiny` (enwik8-head)
 # and on the upcycled Llama of scripts/upcycling-study.sh (continued 300 steps on Dickens); every run
-# sliced at the FLOPs of uniform k = 2, 4 and 8, then the test split of slices against uniform k.
+# sliced at the FLOPs of uniform k = 2, 4 and 8 (each layer any k from 1 to N), then the test split of slices
+# against uniform k.
 #   bash scripts/slicing-study.sh [OUT] [UPCYCLED_LLAMA_DIR]
 set -euo pipefail
 out=${1:-runs/slicing-study}
@@ -20,7 +21,7 @@ for seed in 0 1 2; do
         save_every=300 log_every=25 eval_segments=10
 done
 for run in "$out"/*/*/seed-*; do
-    [ -f "$run/slices.json" ] || smoe slice "$run" --budget-gflops $(python scripts/slicing_study.py budgets "$run")
+    [ -f "$run/slices.json" ] || smoe slice "$run" $(python scripts/slicing_study.py args "$run")
 done
 python scripts/slicing_study.py summary "$out" > "$out/study.md"
 cat "$out/study.md"

@@ -1,6 +1,6 @@
 """The tables of docs/slicing.md from the runs of scripts/slicing-study.sh.
 
-    python scripts/slicing_study.py budgets RUN   # the GFLOPs of uniform k = 2, 4, 8 (the slices' budgets)
+    python scripts/slicing_study.py args RUN      # smoe slice's arguments: the GFLOPs of uniform k = 2, 4, 8, every k
     python scripts/slicing_study.py summary OUT   # markdown: uniform k vs slices at equal FLOPs, by model and method
 """
 
@@ -14,9 +14,13 @@ from pathlib import Path
 BUDGET_KS = (2, 4, 8)
 
 
-def budgets(run: Path) -> str:
+def slice_arguments(run: Path) -> str:
+    """Budgets at the FLOPs of uniform k = 2, 4, 8 (so that a slice and a uniform k cost the same), and every
+    k from 1 to N as a layer's steps (so that the walk can spread a uniform k's experts unevenly)."""
     rows = {row["k"]: row for row in json.loads((run / "eval.json").read_text())["rows"]}
-    return " ".join(f"{rows[k]['flops_per_token'] / 1e9:.12g}" for k in BUDGET_KS if k in rows)
+    experts = json.loads((run / "config.json").read_text())["num_experts"]
+    budgets = " ".join(f"{rows[k]['flops_per_token'] / 1e9:.12g}" for k in BUDGET_KS if k in rows)
+    return f"--budget-gflops {budgets} --ks {','.join(map(str, range(1, experts + 1)))}"
 
 
 def spread(values: list[float]) -> str:
@@ -80,4 +84,4 @@ def summary(out: Path) -> str:
 
 if __name__ == "__main__":
     command, path = sys.argv[1], Path(sys.argv[2])
-    print(budgets(path) if command == "budgets" else summary(path))
+    print(slice_arguments(path) if command == "args" else summary(path))
