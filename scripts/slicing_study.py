@@ -15,12 +15,14 @@ BUDGET_KS = (2, 4, 8)
 
 
 def slice_arguments(run: Path) -> str:
-    """Budgets at the FLOPs of uniform k = 2, 4, 8 (so that a slice and a uniform k cost the same), and every
-    k from 1 to N as a layer's steps (so that the walk can spread a uniform k's experts unevenly)."""
+    """Budgets at the FLOPs of uniform k = 2, 4, 8 (so that a slice and a uniform k cost the same), and as a
+    layer's steps every k up to 8, then every 4th (so that the walk can spread a uniform k's experts unevenly;
+    the test split is read at every step, so fewer above the largest budget)."""
     rows = {row["k"]: row for row in json.loads((run / "eval.json").read_text())["rows"]}
     experts = json.loads((run / "config.json").read_text())["num_experts"]
     budgets = " ".join(f"{rows[k]['flops_per_token'] / 1e9:.12g}" for k in BUDGET_KS if k in rows)
-    return f"--budget-gflops {budgets} --ks {','.join(map(str, range(1, experts + 1)))}"
+    steps = [k for k in range(1, experts + 1) if k <= max(BUDGET_KS) or k % 4 == 0]
+    return f"--budget-gflops {budgets} --ks {','.join(map(str, steps))}"
 
 
 def spread(values: list[float]) -> str:
