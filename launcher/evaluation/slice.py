@@ -235,14 +235,13 @@ def run(args) -> None:
 
     measure = {cost: functools.cache(cost_function(cost, loaded, args.repeats)) for cost in COSTS}  # timed once
     uniform_ks = [(k,) * layers for k in steps]
+    for budget in budgets:  # refused before any walk
+        best_under([Point(uniform_ks[0], float("nan"), measure[budget.cost](uniform_ks[0]))], budget)
     chosen, frontiers = {}, {}
     for cost in COSTS:
         mine = [b for b in budgets if b.cost == cost]
         if not mine:
             continue
-        cheapest = [Point(uniform_ks[0], float("nan"), measure[cost](uniform_ks[0]))]
-        for budget in mine:
-            best_under(cheapest, budget)  # refused before the walk
         walked = WALKED_ON[cost]
         limit = max(b.limit for b in mine) if walked == cost else float("inf")
         log.info(f"walk on {COSTS[walked]} up to {limit:g} (ks, calibration {family.unit}, cost):")
@@ -256,14 +255,16 @@ def run(args) -> None:
 
     log.info(f"the test split, once per uniform k and slice (valid: the calibration batches):\n"
              f"{format_header(family.unit)}")
-    searched = list(dict.fromkeys(point.ks for point in chosen.values()))  # two budgets may choose the same
+    searched = list(dict.fromkeys(point.ks for point in chosen.values()  # two budgets may choose the same
+                                  if point.ks not in uniform_ks))  # a uniform k is swept anyway
     rows = sweep(model, list(steps) + [list(ks) for ks in searched],
                  lambda: calibration(tuple(top_ks_of(model))),
                  lambda: family.eval_loss(model, "test", loaded.rank, loaded.world, device),
                  lambda: rank_mean(family.flops_per_token(model, device), device))
-    latency = {ks: measure["ms"](ks) for ks in uniform_ks + searched}
+    uniform = rows[:len(steps)]
+    row_of = dict(zip(uniform_ks, uniform)) | dict(zip(searched, rows[len(steps):]))
+    latency = {ks: measure["ms"](ks) for ks in row_of}
     set_top_k(model, original_ks)
-    uniform, row_of = rows[:len(steps)], dict(zip(searched, rows[len(steps):]))
     by_name = {b.name: b for b in budgets}
     slices = [{"name": name, "ks": list(point.ks), **row_json(row_of[point.ks], latency[point.ks]),
                "budget": {by_name[name].cost: by_name[name].limit}} for name, point in chosen.items()]
