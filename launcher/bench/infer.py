@@ -234,8 +234,9 @@ def run(args) -> None:
         report["choice"] = {"setting": label, "k": settings[label], "budget": budget, "cost": costs[label],
                             "unit": what}
         unit = slices.get("unit") or read_json(model_dir / SLIMMING_FILE).get("unit", "")
-        log.info(f"best under {budget:g} {what}: {label}, k={k_label(settings[label])} ({costs[label]:.4g} {what}"
-                 + (f", {quality[label]:.4f} {unit}" if label in quality else "") + ")")
+        named = "" if label == f"k={settings[label]}" else f" (k={k_label(settings[label])})"
+        log.info(f"best under {budget:g} {what}: {label}{named}, {costs[label]:.4g} {what}"
+                 + (f", {quality[label]:.4f} {unit}" if label in quality else ""))
     if args.json:
         write_atomic(Path(args.json), json.dumps(report, indent=2))
 
