@@ -93,11 +93,11 @@ def num_experts_of(config) -> int:
     return getattr(config, "num_local_experts", None) or config.num_experts
 
 
-def top_k_of(model) -> int | list[int]:
+def exported_top_k(model) -> int | list[int]:
     return model.top_k if hasattr(model, "set_top_k") else model.config.num_experts_per_tok
 
 
-def set_top_k(model, k: int | list[int]) -> None:
+def set_exported_top_k(model, k: int | list[int]) -> None:
     """One k for every MoE layer or one per MoE layer, on a remote-code or a native export."""
     if hasattr(model, "set_top_k"):
         model.set_top_k(k)
@@ -151,7 +151,7 @@ def measure(model, ks: list[int | list[int] | None], batches: list[int], length:
             ) -> list[SpeedRow]:
     """Latency and tokens/s of one forward at each k (or slice) and batch size (``ks`` [None]: a dense
     model); the model's k is restored after."""
-    original = top_k_of(model)
+    original = exported_top_k(model)
     rows = []
     try:
         for batch in batches:
@@ -159,14 +159,14 @@ def measure(model, ks: list[int | list[int] | None], batches: list[int], length:
             tokens = inputs["input_ids"].numel()
             for k in ks:
                 if k is not None:
-                    set_top_k(model, k)
+                    set_exported_top_k(model, k)
                 seconds = median_seconds(lambda: model(**inputs), model.device, repeats)
                 rows.append(SpeedRow(k, batch, tokens, seconds * 1e3, tokens / seconds))
                 log.info(f"k {k_label(k):>9} | batch {batch:>4} | {seconds * 1e3:9.2f} ms | "
                          f"{tokens / seconds:12,.0f} tokens/s")
     finally:
         if ks != [None]:
-            set_top_k(model, original)
+            set_exported_top_k(model, original)
     return rows
 
 
@@ -212,7 +212,7 @@ def run(args) -> None:
     model = load_exported(model_dir, args.device, args.dtype)
     settings = settings_of(args, model, slices)
     for k in settings.values():
-        set_top_k(model, k)  # refuses a k outside 1..N, or a slice of the wrong length, before anything is timed
+        set_exported_top_k(model, k)  # refuses a k outside 1..N, or a slice of the wrong length, before anything is timed
     log.info(f"{args.model_dir} on {device_name(model.device)}, {args.dtype}, {args.length} tokens per row")
     labels = list(settings)
     rows = measure(model, list(settings.values()), sorted({1, args.batch}), args.length, args.repeats)
